@@ -1,0 +1,3 @@
+from dalle_lesson.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""Plotting helpers the notebooks share: image grids with captions, curves, masks."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import torch
+
+
+def _as_image(image: torch.Tensor):
+    """A [3, H, W] (or [H, W]) tensor in [0, 1] as something ``imshow`` draws."""
+    image = image.detach().float().cpu().clamp(0, 1)
+    return image.permute(1, 2, 0).numpy() if image.dim() == 3 else image.numpy()
+
+
+def show_grid(
+    images: torch.Tensor | Sequence[torch.Tensor],
+    captions: Sequence[str] | None = None,
+    ncols: int | None = None,
+    title: str | None = None,
+    cell_inches: float = 1.6,
+    wrap: int = 22,
+):
+    """Draw images (a [B, 3, H, W] tensor in [0, 1] or a list of them) in a grid.
+
+    Captions go under their images, wrapped to ``wrap`` characters. Returns the figure.
+    """
+    images = list(images)
+    if not images:
+        raise ValueError("show_grid needs at least one image")
+    ncols = ncols or min(len(images), 8)
+    nrows = math.ceil(len(images) / ncols)
+    caption_lines = max((len(textwrap.wrap(c, wrap)) for c in captions), default=0) if captions else 0
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(ncols * cell_inches, nrows * (cell_inches + 0.17 * caption_lines)), squeeze=False
+    )
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(_as_image(images[k]), interpolation="nearest")
+            if captions:
+                ax.set_title("\n".join(textwrap.wrap(captions[k], wrap)), fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_grid(images, path: str, captions: Sequence[str] | None = None, **kwargs) -> str:
+    """Draw a grid with :func:`show_grid` and save it to ``path`` (PNG); returns the path."""
+    fig = show_grid(images, captions, **kwargs)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_curve(values: Sequence[float], title: str = "", xlabel: str = "step", ylabel: str = "loss",
+               smooth: int = 1, ax=None, label: str | None = None):
+    """A training curve, optionally smoothed by a running mean over ``smooth`` points."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    values = torch.as_tensor(list(values), dtype=torch.float64)
+    if smooth > 1 and len(values) >= smooth:
+        kernel = torch.ones(smooth, dtype=torch.float64) / smooth
+        values = torch.nn.functional.conv1d(values.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
+        steps = torch.arange(smooth - 1, smooth - 1 + len(values))
+    else:
+        steps = torch.arange(len(values))
+    ax.plot(steps.numpy(), values.numpy(), label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if label:
+        ax.legend()
+    return ax
+
+
+def show_mask(mask: torch.Tensor, title: str = "", ax=None, text_len: int | None = None):
+    """Draw a boolean attention mask (rows = queries, columns = keys; dark = may attend)."""
+    if ax is None:
+        size = min(6, max(2.5, mask.shape[0] / 12))
+        _, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(mask.detach().cpu().float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    if text_len:  # a line between the text and the image parts of the stream
+        for position in (text_len - 0.5,):
+            ax.axhline(position, color="tab:red", linewidth=0.8)
+            ax.axvline(position, color="tab:red", linewidth=0.8)
+    ax.set(title=title, xlabel="key position", ylabel="query position")
+    return ax
+
+
+def show_codes(codes: torch.Tensor, ax=None, title: str = "", annotate: bool = True):
+    """Draw an [h, w] grid of integer token ids, each cell labelled with its id."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    codes = codes.detach().cpu()
+    ax.imshow(codes.numpy(), cmap="tab20", interpolation="nearest")
+    if annotate and codes.numel() <= 256:
+        for (row, column), value in zip(torch.cartesian_prod(torch.arange(codes.shape[0]), torch.arange(codes.shape[1])).tolist(), codes.flatten().tolist()):
+            ax.text(column, row, str(value), ha="center", va="center", fontsize=6)
+    ax.set(title=title, xticks=[], yticks=[])
+    return ax
