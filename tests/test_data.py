@@ -1,0 +1,274 @@
+"""Tests of dalle_lesson.data: the shapes generator, its held-out split, the folder dataset."""
+
+import re
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+from dalle_lesson import data
+from dalle_lesson.data import HELD_OUT_PAIRS, ImageFolderDataset, ShapesDataset
+
+# ---- shapes: determinism ---------------------------------------------------------------
+
+
+def test_same_seed_gives_identical_pixels_and_captions():
+    first, second = ShapesDataset(50, 32, seed=7), ShapesDataset(50, 32, seed=7)
+    for index in (0, 13, 49, 13):  # any order, repeated access
+        image_a, caption_a = first[index]
+        image_b, caption_b = second[index]
+        assert torch.equal(image_a, image_b)
+        assert caption_a == caption_b
+        assert first.scene(index) == second.scene(index)
+
+
+def test_different_seeds_and_splits_give_different_scenes():
+    scenes = lambda **kw: [ShapesDataset(40, 32, **kw).scene(i) for i in range(40)]
+    assert scenes(seed=0) != scenes(seed=1)
+    assert scenes(split="train") != scenes(split="test")
+
+
+@pytest.mark.parametrize("image_size", [32, 64, 256])
+def test_image_sizes_and_range(image_size):
+    image, caption = ShapesDataset(3, image_size)[2]
+    assert image.shape == (3, image_size, image_size)
+    assert image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    assert isinstance(caption, str) and caption
+
+
+def test_out_of_range_index_and_bad_arguments():
+    dataset = ShapesDataset(5, 32)
+    with pytest.raises(IndexError):
+        dataset[5]
+    with pytest.raises(ValueError, match="split"):
+        ShapesDataset(5, 32, split="validation")
+
+
+def test_vocabulary_is_at_least_what_the_course_promises():
+    assert len(data.SHAPES) >= 5 and len(data.COLOURS) >= 8 and len(data.SIZES) >= 2
+    assert set(data.RELATIONS) == {"left of", "right of", "above", "below"}
+
+
+def test_one_and_two_object_scenes_both_occur():
+    counts = {len(ShapesDataset(200, 32).scene(i).objects) for i in range(200)}
+    assert counts == {1, 2}
+
+
+# ---- shapes: the held-out split --------------------------------------------------------
+
+
+def _pairs(scene):
+    return {(obj.shape, obj.colour) for obj in scene.objects}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_training_splits_never_contain_a_held_out_pair(split):
+    dataset = ShapesDataset(3000, 32, split=split)
+    for index in range(len(dataset)):
+        assert not _pairs(dataset.scene(index)) & HELD_OUT_PAIRS
+
+
+def test_every_held_out_scene_contains_a_held_out_pair():
+    dataset = ShapesDataset(1000, 32, split="heldout")
+    seen = set()
+    for index in range(len(dataset)):
+        pairs = _pairs(dataset.scene(index)) & HELD_OUT_PAIRS
+        assert pairs
+        seen |= pairs
+    assert seen == HELD_OUT_PAIRS  # every held-out pair is actually tested
+
+
+def test_training_captions_never_name_a_held_out_pair():
+    dataset = ShapesDataset(3000, 32, split="train")
+    for index in range(len(dataset)):
+        caption = dataset.caption(index)
+        for shape, colour in HELD_OUT_PAIRS:
+            assert f"{colour} {shape}" not in caption
+
+
+def test_held_out_pairs_leave_every_shape_and_colour_in_training():
+    shapes = {shape for shape, _ in HELD_OUT_PAIRS}
+    colours = {colour for _, colour in HELD_OUT_PAIRS}
+    # One held-out colour per shape, so each shape keeps the other colours in training.
+    assert len(shapes) == len(HELD_OUT_PAIRS)
+    for shape in data.SHAPES:
+        trained = {c for c in data.COLOURS if (shape, c) not in HELD_OUT_PAIRS}
+        assert len(trained) >= len(data.COLOURS) - 1
+    assert colours <= set(data.COLOURS)
+
+
+# ---- shapes: captions agree with the scene ---------------------------------------------
+# An independent reading of a caption: a small parser that knows only the words.
+
+SIZE_OF_WORD = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large"}
+RELATION_OF_WORDS = {
+    "to the left of": "left of", "left of": "left of", "to the right of": "right of", "right of": "right of",
+    "above": "above", "over": "above", "below": "below", "under": "below", "beneath": "below",
+}
+THING = r"(small|little|tiny|large|big) (\w+) (\w+)"
+ONE = re.compile(rf"^(?:a|a picture of a|there is a|one) {THING}$")
+TWO = re.compile(rf"^(?:a|a picture of a) {THING} (to the left of|left of|to the right of|right of|above|over|below|under|beneath) a {THING}$")
+
+
+def _parse(caption):
+    """Caption -> (list of (shape, colour, size), relation or None)."""
+    if match := ONE.match(caption):
+        size, colour, shape = match.groups()
+        return [(shape, colour, SIZE_OF_WORD[size])], None
+    match = TWO.match(caption)
+    assert match, f"caption does not follow any template: {caption!r}"
+    size_a, colour_a, shape_a, relation, size_b, colour_b, shape_b = match.groups()
+    return [(shape_a, colour_a, SIZE_OF_WORD[size_a]), (shape_b, colour_b, SIZE_OF_WORD[size_b])], RELATION_OF_WORDS[relation]
+
+
+def _geometric_relation(a, b):
+    """Where a is relative to b, from the positions alone."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) > abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_every_caption_is_consistent_with_its_scene(split):
+    dataset = ShapesDataset(600, 32, split=split)
+    for index in range(len(dataset)):
+        scene = dataset.scene(index)
+        for caption in data.scene_captions(scene) if index < 20 else [dataset.caption(index)]:
+            described, relation = _parse(caption)
+            truth = [(o.shape, o.colour, o.size) for o in scene.objects]
+            if relation is None:
+                assert described == truth
+                continue
+            assert sorted(described) == sorted(truth)
+            # Which object each side of the caption names; with two identical objects either
+            # reading will do, so the caption is true if some assignment makes it true.
+            readings = [
+                (a, b) for a, b in (scene.objects, scene.objects[::-1])
+                if [(a.shape, a.colour, a.size), (b.shape, b.colour, b.size)] == described
+            ]
+            assert any(_geometric_relation(a, b) == relation for a, b in readings), (caption, scene)
+
+
+def test_paraphrases_vary():
+    dataset = ShapesDataset(300, 32)
+    templates = {re.sub(r"(small|little|tiny|large|big) \w+ \w+", "X", dataset.caption(i)) for i in range(300)}
+    assert len(templates) >= 6
+
+
+def test_pixels_show_the_scene():
+    """The colour at each object's centre is that object's colour, and the corners are background."""
+    dataset = ShapesDataset(100, 64)
+    for index in range(len(dataset)):
+        image, _ = dataset[index]
+        for obj in dataset.scene(index).objects:
+            row, column = int(obj.y * 64), int(obj.x * 64)
+            expected = torch.tensor(data.COLOURS[obj.colour]) / 255
+            assert torch.allclose(image[:, row, column], expected, atol=0.03), (index, obj)
+    background = torch.tensor(data.BACKGROUND) / 255
+    blank = data.pil_to_tensor(data.render_scene(data.Scene(()), 32))
+    assert torch.allclose(blank, background.view(3, 1, 1).expand(3, 32, 32))
+
+
+def test_all_shapes_captions_covers_the_vocabulary():
+    words = set(" ".join(data.all_shapes_captions()).split())
+    assert set(data.SHAPES) | set(data.COLOURS) <= words
+    assert {"beneath", "tiny", "left", "right", "over"} <= words
+
+
+# ---- your own folder -------------------------------------------------------------------
+
+
+def _write_image(path, colour=(200, 10, 10), size=(40, 30), mode="RGB"):
+    Image.new(mode, size, colour).save(path)
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    _write_image(tmp_path / "red.png", (255, 0, 0))
+    (tmp_path / "red.txt").write_text("a red picture\nsecond line ignored\n")
+    nested = tmp_path / "more"
+    nested.mkdir()
+    _write_image(nested / "green.jpg", (0, 255, 0))
+    (nested / "green.txt").write_text("  a green photo  ")
+    _write_image(tmp_path / "see_through.png", (0, 0, 255, 0), mode="RGBA")  # fully transparent
+    (tmp_path / "see_through.txt").write_text("transparent")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    (tmp_path / "corrupt.txt").write_text("never seen")
+    truncated = tmp_path / "truncated.jpg"
+    _write_image(truncated, (1, 2, 3), size=(64, 64))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    (tmp_path / "truncated.txt").write_text("cut short")
+    _write_image(tmp_path / "no_caption.png")
+    (tmp_path / "empty_caption.png").write_bytes((tmp_path / "red.png").read_bytes())
+    (tmp_path / "empty_caption.txt").write_text("\n  \n")
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "orphan.txt").write_text("a caption without an image")
+    return tmp_path
+
+
+def test_folder_dataset_skips_and_counts_bad_files(messy_folder):
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(messy_folder, image_size=16)
+    message = str(caught[0].message)
+    for name in ("corrupt.png", "truncated.jpg", "no_caption.png", "empty_caption.png", "notes.md"):
+        assert name in message
+    assert dataset.skip_counts == {"unreadable image": 2, "missing caption": 2, "not an image": 1}
+    assert len(dataset) == 3
+    items = {caption: image for image, caption in (dataset[i] for i in range(len(dataset)))}
+    assert set(items) == {"a red picture", "a green photo", "transparent"}
+    assert items["a red picture"].shape == (3, 16, 16)
+    assert torch.allclose(items["a red picture"].mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.01)
+    assert torch.allclose(items["transparent"], torch.ones(3, 16, 16))  # alpha composited on white
+
+
+def test_folder_dataset_survives_a_file_breaking_mid_epoch(messy_folder):
+    with pytest.warns(UserWarning):
+        dataset = ImageFolderDataset(messy_folder, image_size=8)
+    broken_path = dataset.items[0][0]
+    broken_path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        image, caption = dataset[0]
+    assert caption == dataset.items[1][1] and image.shape == (3, 8, 8)
+    assert broken_path in dataset.skipped["unreadable image"]
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no usable image-caption pairs"):
+        ImageFolderDataset(tmp_path)
+    (tmp_path / "lonely.png").write_bytes(b"")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="same name"):
+            ImageFolderDataset(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataset(tmp_path / "nowhere")
+
+
+def test_shipped_path_names_what_is_missing():
+    with pytest.raises(FileNotFoundError, match="no_such_file"):
+        data.shipped_path("no_such_file.bin")
+
+
+# ---- viz and the command line -----------------------------------------------------------
+
+
+def test_show_grid_draws_every_image_with_its_caption():
+    from dalle_lesson.viz import show_grid
+
+    images = torch.rand(5, 3, 8, 8)
+    fig = show_grid(images, [f"caption {i}" for i in range(5)], ncols=3)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == [f"caption {i}" for i in range(5)]
+    assert len(fig.axes) == 6
+
+
+def test_cli_data_grid_writes_a_png(tmp_path):
+    from dalle_lesson.cli import main
+
+    out = tmp_path / "grid.png"
+    main(["data-grid", "--dataset", "shapes", "--image-size", "32", "--count", "4", "--out", str(out)])
+    with Image.open(out) as grid:
+        assert grid.size[0] > 100 and grid.size[1] > 50
