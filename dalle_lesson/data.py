@@ -364,6 +364,12 @@ class EmojiDataset(Dataset):
         self.root = Path(root) if root is not None else shipped_path("emoji")
         table = (self.root / "emoji.tsv").read_text(encoding="utf-8").splitlines()
         rows = [line.split("\t") for line in table if line and not line.startswith("#")]
+        for number, row in enumerate(rows):
+            if len(row) != 3 or row[0] != str(number):
+                raise ValueError(
+                    f"{self.root / 'emoji.tsv'}: entry {number} should read 'index<TAB>codepoints<TAB>name' "
+                    f"with index {number}, got {row!r}; rebuild the set with data/emoji/build_emoji.py"
+                )
         self.codepoints = [row[1] for row in rows]
         self.names = [row[2] for row in rows]
         self.image_size = image_size
