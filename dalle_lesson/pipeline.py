@@ -1,0 +1,86 @@
+"""The whole DALL·E pipeline: caption -> BPE ids -> sampled image codes -> pixels.
+
+Three trained parts, each from its own lesson, joined here::
+
+    pipeline = Pipeline.load()                       # the shipped tokenizer, transformer and dVAE
+    result = pipeline("a red circle", num_images=8, seed=0)
+    result.images                                    # FloatTensor[8, 3, 32, 32] in [0, 1]
+    result.save_grid("grid.png")                     # a captioned grid
+
+``dalle-lesson generate "a red circle" --out grid.png`` runs exactly this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
+from dalle_lesson.dalle import DALLE, load_dalle
+from dalle_lesson.dvae import DiscreteVAE, load_dvae
+from dalle_lesson.sampling import check_sampling_settings, generate
+
+
+@dataclass
+class Generation:
+    """What the pipeline made: images, the codes behind them, and their captions."""
+
+    images: torch.Tensor  # [N, 3, S, S] in [0, 1]
+    codes: torch.Tensor  # [N, H, W] image codes
+    captions: list[str]
+
+    def save_grid(self, path: str | Path, ncols: int | None = None) -> str:
+        """Save the images with their captions as a PNG grid (``dalle_lesson.viz.save_grid``)."""
+        from dalle_lesson.viz import save_grid
+
+        return save_grid(list(self.images), str(path), self.captions, ncols=ncols or min(len(self.images), 4))
+
+
+@dataclass
+class Pipeline:
+    """A tokenizer, a DALL·E transformer and a dVAE that agree on their vocabularies."""
+
+    tokenizer: BPETokenizer
+    model: DALLE
+    dvae: DiscreteVAE
+
+    def __post_init__(self):
+        c, d = self.model.config, self.dvae.config
+        if self.tokenizer.vocab_size != c.text_vocab_size:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but the transformer expects "
+                             f"text_vocab_size={c.text_vocab_size}; load the tokenizer it was trained with")
+        if d.vocab_size != c.image_vocab_size or d.grid_size != c.image_size:
+            raise ValueError(f"the dVAE makes {d.grid_size}x{d.grid_size} grids of {d.vocab_size} codes but the "
+                             f"transformer models {c.image_size}x{c.image_size} grids of {c.image_vocab_size}; "
+                             "load the dVAE whose codes it was trained on")
+
+    @classmethod
+    def load(cls, model_path: str | Path | None = None, dvae_path: str | Path | None = None,
+             tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu") -> "Pipeline":
+        """Load the three parts; ``None`` means the checkpoint shipped in ``data/``."""
+        tokenizer = BPETokenizer.load(tokenizer_path) if tokenizer_path is not None else load_course_tokenizer()
+        return cls(tokenizer, load_dalle(model_path, device=device), load_dvae(dvae_path, device=device))
+
+    def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
+        """Captions -> LongTensor[B, text_seq_len]; too long ones are cut with a warning."""
+        return tokenize_batch(self.tokenizer, list(captions), self.model.config.text_seq_len)
+
+    def __call__(self, captions: str | Sequence[str], num_images: int = 8, **sampling) -> Generation:
+        """Draw ``num_images`` images for each caption (``sampling``: the options of
+        :func:`dalle_lesson.sampling.generate`, e.g. ``temperature``, ``top_k``, ``seed``)."""
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = list(captions)
+        if not captions:
+            raise ValueError("give at least one caption (an empty string \"\" is fine: it means no caption)")
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images must be a whole number >= 1, got {num_images!r}")
+        check_sampling_settings(sampling.get("temperature", 1.0), sampling.get("top_k"), sampling.get("top_p"),
+                                sampling.get("guidance_scale"), self.model.config.image_vocab_size)
+        text_ids = self.tokenize(captions).repeat_interleave(num_images, dim=0)  # each caption, num_images times
+        codes = generate(self.model, text_ids, **sampling)
+        images = self.dvae.decode(codes.to(next(self.dvae.parameters()).device)).cpu()
+        return Generation(images, codes.cpu(), [caption for caption in captions for _ in range(num_images)])
