@@ -266,10 +266,18 @@ class VAE(_ImageModel):
 _KINDS = {"vae": VAE, "autoencoder": Autoencoder}
 
 
-def save_vae(model: Autoencoder | VAE, path: str | Path, step: int | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def save_vae(
+    model: Autoencoder | VAE,
+    path: str | Path,
+    step: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    history: dict[str, list[float]] | None = None,
+) -> Path:
     """Write the weights and config to ``path``; a crash mid-write never leaves a broken file.
 
-    ``dtype=torch.float16`` halves the size (used for the shipped checkpoint).
+    ``dtype=torch.float16`` halves the size (used for the shipped checkpoint). ``history``
+    (the loss curves :func:`train` returns) is stored too, so a loaded model can show how
+    it was trained; read it back with :func:`checkpoint_history`.
     """
     from safetensors.torch import save_file
 
@@ -280,6 +288,8 @@ def save_vae(model: Autoencoder | VAE, path: str | Path, step: int | None = None
     metadata = {"format": "dalle_lesson.vae", "kind": kind, "config": json.dumps(asdict(model.config))}
     if step is not None:
         metadata["step"] = str(step)
+    if history is not None:  # 0.1 nat is far below the step-to-step noise; keeps the header small
+        metadata["history"] = json.dumps({name: [round(v, 1) for v in values] for name, values in history.items()})
     temporary = path.with_name(path.name + ".tmp")
     save_file(tensors, str(temporary), metadata=metadata)
     os.replace(temporary, path)  # atomic on POSIX and Windows: readers see old or new, never half
@@ -292,6 +302,11 @@ def checkpoint_metadata(path: str | Path) -> dict:
 
     with safe_open(str(path), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def checkpoint_history(path: str | Path) -> dict[str, list[float]]:
+    """The training curves stored with a checkpoint (empty if it was saved without them)."""
+    return json.loads(checkpoint_metadata(path).get("history", "{}"))
 
 
 def load_vae(path: str | Path | None = None, device: str | torch.device = "cpu") -> Autoencoder | VAE:
@@ -383,7 +398,7 @@ def train(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{history['loss'][-1]:.1f}", kl=f"{history['kl'][-1]:.1f}")
         if checkpoint and (step % save_every == 0 or step == steps):
-            save_vae(model, checkpoint, step=step)
+            save_vae(model, checkpoint, step=step, history=history)
     model.eval()
     return history
 
@@ -420,7 +435,7 @@ def _train_command(args: argparse.Namespace) -> None:
     print(f"{type(model).__name__}: {model.num_parameters():,} parameters, {count} {args.dataset} images, {args.steps} steps")
     history = train(model, images, args.steps, args.batch_size, args.lr, args.kl_weight, args.out, args.save_every, args.seed)
     if args.fp16:  # rewrite the final checkpoint at half size (what data/ ships)
-        save_vae(model, args.out, step=args.steps, dtype=torch.float16)
+        save_vae(model, args.out, step=args.steps, dtype=torch.float16, history=history)
     tail = slice(-min(100, len(history["loss"])), None)
     mean = {name: sum(values[tail]) / len(values[tail]) for name, values in history.items()}
     print(f"last {len(history['loss'][tail])} steps: loss {mean['loss']:.1f} = reconstruction {mean['reconstruction']:.1f} + KL {mean['kl']:.1f} nats/image")

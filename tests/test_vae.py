@@ -215,3 +215,4 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path):
     model = vae.load_vae(out)
     assert isinstance(model, VAE) and model.config.latent_dim == 2
     assert vae.checkpoint_metadata(out)["step"] == "3"
+    assert len(vae.checkpoint_history(out)["kl"]) == 3
