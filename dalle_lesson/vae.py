@@ -365,20 +365,21 @@ def train(
         raise ValueError(f"steps must be at least 1, got {steps}")
     model.check_images(images[:1])
     device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)  # picks batches and the VAE's noise
+    generator = torch.Generator().manual_seed(seed)  # picks batches (and on CPU, the VAE's noise)
+    noise_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     # cosine decay to 10%: big steps early, then settle (helps the short lesson runs most)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
     history: dict[str, list[float]] = {"loss": [], "reconstruction": [], "kl": []}
+    on_disk = f"the last good checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was being written"
     model.train()
     bar = tqdm(range(1, steps + 1), desc=f"train {type(model).__name__}", disable=not progress)
     for step in bar:
         batch = images[torch.randint(len(images), (batch_size,), generator=generator)].to(device)
-        terms = model.loss(batch, kl_weight=kl_weight, generator=generator if device.type == "cpu" else None)
+        terms = model.loss(batch, kl_weight=kl_weight, generator=noise_generator)
         if not torch.isfinite(terms["loss"]):
-            last = f"the last good checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was being written"
             raise FloatingPointError(
-                f"loss became {terms['loss'].item()} at step {step}; training stopped ({last}). "
+                f"loss became {terms['loss'].item()} at step {step}; training stopped ({on_disk}). "
                 "Try a smaller learning rate, or check the images for NaNs."
             )
         optimizer.zero_grad(set_to_none=True)
@@ -387,9 +388,8 @@ def train(
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(
-                f"gradient norm became {grad_norm.item()} at step {step}; training stopped before the update "
-                f"({'the last good checkpoint ' + str(checkpoint) + ' is intact' if checkpoint else 'no checkpoint'}). "
-                "Try a smaller learning rate."
+                f"gradient norm became {grad_norm.item()} at step {step}; training stopped before the "
+                f"update ({on_disk}). Try a smaller learning rate."
             )
         optimizer.step()
         schedule.step()
@@ -406,10 +406,11 @@ def train(
 @torch.no_grad()
 def evaluate(model: Autoencoder | VAE, images: torch.Tensor, batch_size: int = 256, seed: int = 0) -> dict[str, float]:
     """Mean loss terms (nats per image) over ``images``, with a fixed seed for the VAE's noise."""
-    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
     totals = {"loss": 0.0, "reconstruction": 0.0, "kl": 0.0}
     for start in range(0, len(images), batch_size):
-        batch = images[start : start + batch_size]
+        batch = images[start : start + batch_size].to(device)
         terms = model.loss(batch, generator=generator)
         for name in totals:
             totals[name] += terms[name].item() * len(batch)

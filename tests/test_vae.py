@@ -163,6 +163,24 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, im
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
 
 
+def test_infinite_gradient_stops_training_before_the_update(tmp_path, images):
+    torch.manual_seed(0)
+    model = VAE(small_config())
+    path = tmp_path / "run.safetensors"
+    calls = {"n": 0}
+
+    def blow_up_on_step_three(grad):
+        calls["n"] += 1
+        return grad * float("inf") if calls["n"] == 3 else grad
+
+    model.decoder.from_vector.weight.register_hook(blow_up_on_step_three)
+    with pytest.raises(FloatingPointError, match="gradient norm became .* at step 3"):
+        vae.train(model, images, steps=10, batch_size=8, checkpoint=path, save_every=1, progress=False)
+    assert vae.checkpoint_metadata(path)["step"] == "2"
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert all(torch.isfinite(t).all() for t in vae.load_vae(path).state_dict().values())
+
+
 def test_nan_from_the_first_step_leaves_an_existing_checkpoint_untouched(tmp_path, images):
     torch.manual_seed(0)
     model = VAE(small_config())
