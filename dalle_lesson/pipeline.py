@@ -84,3 +84,58 @@ class Pipeline:
         codes = generate(self.model, text_ids, **sampling)
         images = self.dvae.decode(codes.to(next(self.dvae.parameters()).device)).cpu()
         return Generation(images, codes.cpu(), [caption for caption in captions for _ in range(num_images)])
+
+
+# --------------------------------------------------------------------------------------
+# An interactive panel (the notebook's widget) and the plain function behind it
+# --------------------------------------------------------------------------------------
+
+
+def sample_figure(pipeline: Pipeline, caption: str, temperature: float = 1.0, top_k: int | None = None,
+                  num_images: int = 8, seed: int = 0):
+    """Draw ``num_images`` images for ``caption`` and return them as a matplotlib figure.
+
+    This is what the panel's button does; it is a plain function so tests and scripts can
+    call it. ``top_k`` of ``None`` or 0 keeps every code.
+    """
+    from dalle_lesson.viz import show_grid
+
+    result = pipeline(caption, num_images=num_images, temperature=temperature, top_k=top_k or None, seed=seed)
+    title = f"{caption!r}  (temperature {temperature:g}, top-k {top_k or 'all'}, seed {seed})"
+    return show_grid(list(result.images), ncols=min(num_images, 8), title=title)
+
+
+def sampling_panel(pipeline: Pipeline, caption: str = "a small red circle above a big blue square"):
+    """An ipywidgets panel: caption, temperature, top-k, number of images, a button.
+
+    Pressing the button calls :func:`sample_figure` with the widgets' values and shows the
+    figure below (errors, e.g. a bad setting, are shown as text instead).
+    """
+    import ipywidgets as widgets
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    caption_box = widgets.Text(value=caption, description="caption", layout=widgets.Layout(width="32em"))
+    temperature = widgets.FloatSlider(value=1.0, min=0.1, max=2.0, step=0.1, description="temperature")
+    top_k = widgets.IntSlider(value=0, min=0, max=pipeline.model.config.image_vocab_size, step=1,
+                              description="top-k (0=all)")
+    count = widgets.IntSlider(value=8, min=1, max=16, description="images")
+    seed = widgets.IntText(value=0, description="seed")
+    button = widgets.Button(description="Draw", button_style="primary")
+    output = widgets.Output()
+
+    def on_click(_button=None):
+        output.clear_output(wait=True)
+        with output:
+            try:
+                figure = sample_figure(pipeline, caption_box.value, temperature.value, top_k.value, count.value,
+                                       seed.value)
+            except ValueError as error:
+                print(f"cannot draw: {error}")
+            else:
+                display(figure)
+                plt.close(figure)  # shown once, in the panel, not again at the end of the cell
+
+    button.on_click(on_click)
+    return widgets.VBox([caption_box, widgets.HBox([temperature, top_k]), widgets.HBox([count, seed, button]),
+                         output])

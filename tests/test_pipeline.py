@@ -16,7 +16,7 @@ from dalle_lesson.bpe import load_course_tokenizer
 from dalle_lesson.cli import main
 from dalle_lesson.dalle import DALLE, DALLEConfig, save_dalle
 from dalle_lesson.dvae import DiscreteVAE, DVAEConfig, save_dvae
-from dalle_lesson.pipeline import Pipeline
+from dalle_lesson.pipeline import Pipeline, sample_figure, sampling_panel
 from dalle_lesson.sampling import generate
 
 
@@ -128,3 +128,33 @@ def test_loaders_default_to_the_shipped_files():
         warnings.simplefilter("error")
         result = Pipeline.load()("a red circle", num_images=2, seed=0)
     assert result.images.shape == (2, 3, 32, 32)
+
+
+def test_sample_figure_draws_the_asked_images(pipeline):
+    import matplotlib.pyplot as plt
+
+    figure = sample_figure(pipeline, "a green star", temperature=0.8, top_k=20, num_images=5, seed=2)
+    drawn = [ax for ax in figure.axes if ax.images]
+    assert len(drawn) == 5
+    expected = pipeline("a green star", num_images=5, temperature=0.8, top_k=20, seed=2).images
+    torch.testing.assert_close(torch.from_numpy(drawn[0].images[0].get_array().data).permute(2, 0, 1).float(),
+                               expected[0].clamp(0, 1))
+    plt.close(figure)
+
+
+def test_sampling_panel_button_calls_the_function(pipeline, monkeypatch):
+    """The button passes the widgets' values to sample_figure (the function tested above)."""
+    import dalle_lesson.pipeline as module
+
+    calls = []
+    real = module.sample_figure
+    monkeypatch.setattr(module, "sample_figure", lambda *args: calls.append(args) or real(*args))
+    panel = sampling_panel(pipeline, caption="a red circle")
+    caption_box, (temperature, top_k), (count, seed, button), output = (
+        panel.children[0], panel.children[1].children, panel.children[2].children, panel.children[3])
+    count.value, top_k.value, temperature.value, seed.value = 3, 10, 0.5, 4
+    button.click()
+    assert calls == [(pipeline, "a red circle", 0.5, 10, 3, 4)]
+    caption_box.value, top_k.value = "", 0
+    button.click()  # the empty caption and "all codes" work too
+    assert calls[-1] == (pipeline, "", 0.5, 0, 3, 4)
