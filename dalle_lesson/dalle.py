@@ -321,6 +321,17 @@ class DALLE(nn.Module):
         _check_range(tokens[:, :n_text], c.text_vocab_total, "text ids", f"0..{c.text_vocab_total - 1}")
         _check_range(tokens[:, n_text:], c.image_vocab_size, "image codes", f"dVAE codes 0..{c.image_vocab_size - 1}")
 
+        hidden = self.transform(tokens, start_pos, cache)
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            logits = self.head(hidden)
+        # The wrong half of the vocabulary can never be the next token: -inf.
+        predicts_image = self.predicts_image[start_pos:end, None]
+        is_image_column = torch.arange(c.vocab_total, device=logits.device) >= c.text_vocab_total
+        return logits.masked_fill(predicts_image != is_image_column, float("-inf"))
+
+    def transform(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Embed, run the blocks, final LayerNorm: the fp32 features the head reads, [B, L, d_model]."""
+        c = self.config
         x = self.embed(tokens, start_pos)
         for i, block in enumerate(self.blocks):
             mask = self.mask(block.kind)
@@ -330,23 +341,23 @@ class DALLE(nn.Module):
                 x = checkpoint(block, x, mask, start_pos, keys, values, use_reentrant=False)
             else:
                 x = block(x, mask, start_pos, keys, values)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = self.head(self.ln_final(x.float()))
         if cache is not None:
-            cache.length = end
-        # The wrong half of the vocabulary can never be the next token: -inf.
-        predicts_image = self.predicts_image[start_pos:end, None]
-        is_image_column = torch.arange(c.vocab_total, device=x.device) >= c.text_vocab_total
-        return logits.masked_fill(predicts_image != is_image_column, float("-inf"))
+            cache.length = start_pos + tokens.shape[1]
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self.ln_final(x.float())
 
     def forward(self, text_ids: torch.Tensor, image_codes: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, return_loss: bool = False):
         """Logits for the stream [text_ids ; image_codes] from position 0.
 
         text_ids: LongTensor[B, text_seq_len]; image_codes: None, [B, H, W], or the first k
         codes in raster order [B, k]. Returns fp32 logits [B, text_seq_len + k, vocab_total].
         With ``cache`` (fresh from :meth:`new_cache`), fills it for these positions.
+        With ``return_loss=True`` returns :meth:`loss` instead (so wrappers such as
+        DistributedDataParallel, which hook ``forward``, see the training step).
         """
+        if return_loss:
+            return self.loss(text_ids, image_codes)
         self.check_text(text_ids)
         stream = text_ids
         if image_codes is not None:
@@ -371,10 +382,14 @@ class DALLE(nn.Module):
         codes = self.check_codes(image_codes, text_ids.shape[0])
         if codes.shape[1] != c.image_seq_len:
             raise ValueError(f"the loss needs whole images: {c.image_size}x{c.image_size} codes, got {codes.shape[1]}")
-        logits = self(text_ids, codes)
+        stream = torch.cat([text_ids, codes.to(text_ids.dtype)], dim=1)
+        hidden = self.transform(stream)
         T, Vt = c.text_seq_len, c.text_vocab_total
-        text_logits = logits[:, : T - 1, :Vt]  # outputs 0..T-2 predict text tokens 1..T-1
-        image_logits = logits[:, T - 1 : -1, Vt:]  # outputs T-1..n-2 predict the image codes
+        # Only the allowed half of the head is computed at each position (the same numbers
+        # as slicing forward()'s masked logits, for a third of the head's work):
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            text_logits = F.linear(hidden[:, : T - 1], self.head.weight[:Vt])  # outputs 0..T-2 -> text 1..T-1
+            image_logits = F.linear(hidden[:, T - 1 : -1], self.head.weight[Vt:])  # outputs T-1..n-2 -> the codes
         text_loss = F.cross_entropy(text_logits.reshape(-1, Vt), text_ids[:, 1:].reshape(-1))
         image_loss = F.cross_entropy(image_logits.reshape(-1, c.image_vocab_size), codes.reshape(-1))
         return {"loss": (text_loss + 7 * image_loss) / 8, "text_loss": text_loss, "image_loss": image_loss}

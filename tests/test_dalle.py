@@ -7,6 +7,16 @@ import torch.nn.functional as F
 from dalle_lesson.dalle import DALLE, DALLEConfig, load_dalle, save_dalle
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small tensors: one thread is fastest, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
 def small_config(**overrides) -> DALLEConfig:
     # 6 text tokens (vocab 20 + 6 padding ids) and a 4x4 grid of 10 codes; a 3x3 conv
     # kernel so that conv differs from causal on this small grid.
