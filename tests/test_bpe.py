@@ -23,7 +23,7 @@ from dalle_lesson.bpe import (
 # ---- a varied set of test strings, built here ----------------------------------------
 
 LATIN_WORDS = "a small red circle to the left of big blue square cat dog photo of an astronaut riding horse".split()
-CONTRACTIONS = ["it's", "don't", "WE'LL", "they're", "I'm", "you've", "she'd", "rock'n'roll", "o'clock", "'s", "''"]
+CONTRACTIONS = ["'ſ", "it's", "don't", "WE'LL", "they're", "I'm", "you've", "she'd", "rock'n'roll", "o'clock", "'s", "''"]
 PUNCTUATION = list(".,;:!?-_()[]{}<>/\\|@#$%^*+=~`\"'") + ["...", "--", "?!", "&amp;", "&lt;3", "&#39;", "&amp;amp;", "</w>"]
 NUMBERS = ["0", "7", "42", "2024", "3.14159", "1,000,000", "-5", "1e-9", "٣", "Ⅻ", "½", "²"]
 SCRIPTS = [
