@@ -363,7 +363,8 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--d-model", type=int, default=0, help="override the preset's width")
     parser.add_argument("--layers", type=int, default=0, help="override the preset's depth")
     parser.add_argument("--heads", type=int, default=0, help="override the preset's head count")
-    parser.add_argument("--attention", choices=["dense", "sparse"], default="dense")
+    parser.add_argument("--attention", choices=["dense", "sparse"], default="sparse",
+                        help="same results; sparse computes only the row/column blocks")
     add_dataset_arguments(parser, image_size=32)
     parser.add_argument("--train-images", type=int, default=20_000)
     parser.add_argument("--val-images", type=int, default=1000, help="shapes test-split pairs for validation")
