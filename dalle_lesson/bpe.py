@@ -32,6 +32,7 @@ import gzip
 import heapq
 import html
 import importlib.util
+import operator
 import os
 import warnings
 from collections import Counter, defaultdict
@@ -60,14 +61,17 @@ FILE_HEADER = "#version: 0.2 (dalle-lesson BPE merges in CLIP's format: one merg
 # --------------------------------------------------------------------------------------
 
 
+# Bytes that are visible Latin-1 characters: they stand for themselves in a merges file.
+PRINTABLE_BYTES = (*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1))
+
+
 @functools.lru_cache(maxsize=None)
-def byte_alphabet() -> list[int]:
-    """The 256 byte values in CLIP's order: printable Latin-1 bytes first, then the rest.
+def byte_alphabet() -> tuple[int, ...]:
+    """The 256 byte values in CLIP's order: the 188 printable bytes first, then the rest.
 
     Base id ``i`` (and ``i + 256`` at the end of a word) is byte ``byte_alphabet()[i]``.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    return printable + [b for b in range(N_BYTES) if b not in printable]
+    return PRINTABLE_BYTES + tuple(b for b in range(N_BYTES) if b not in PRINTABLE_BYTES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,12 +79,11 @@ def byte_symbols() -> dict[int, str]:
     """Byte value -> the printable character that stands for it in a merges file.
 
     Printable bytes stand for themselves; the 68 others (space, control bytes, ...) are
-    shifted, in byte order, to the characters from U+0100 on, so a merges file is plain,
-    visible text with no spaces inside a token.
+    shifted, in byte order, to the characters from U+0100 on (the space becomes ``Ġ``), so
+    a merges file is plain, visible text with no spaces inside a token.
     """
-    printable = set(byte_alphabet()[: N_BYTES - 68])
-    shifted = [b for b in range(N_BYTES) if b not in printable]
-    return {b: chr(b) if b in printable else chr(N_BYTES + shifted.index(b)) for b in range(N_BYTES)}
+    others = [b for b in range(N_BYTES) if b not in PRINTABLE_BYTES]
+    return {b: chr(b) for b in PRINTABLE_BYTES} | {b: chr(N_BYTES + k) for k, b in enumerate(others)}
 
 
 def token_text(raw: bytes) -> str:
@@ -151,13 +154,17 @@ class BPETokenizer:
         self.token_bytes = [bytes([b]) for b in alphabet] + [bytes([b]) + END_OF_WORD.encode() for b in alphabet]
         self.merges: dict[tuple[int, int], int] = {}
         for left, right in merges:
+            if not (0 <= left < len(self.token_bytes) and 0 <= right < len(self.token_bytes)):
+                raise ValueError(f"merge {len(self.merges)} ({left}, {right}) uses an id that does not exist yet")
+            if self.token_bytes[left].endswith(END_OF_WORD.encode()) and left >= N_BYTES:
+                raise ValueError(f"merge {len(self.merges)} ({left}, {right}): token {left} ends a word, nothing follows it")
             self.merges[(left, right)] = len(self.token_bytes)
             self.token_bytes.append(self.token_bytes[left] + self.token_bytes[right])
         self.special_ids = {token: len(self.token_bytes) + k for k, token in enumerate(self.special_tokens)}
         self.token_bytes += [token.encode() for token in self.special_tokens]
         specials = "|".join(regex.escape(token) for token in self.special_tokens)
         self.word_pattern = regex.compile((specials + "|" if specials else "") + WORD_PATTERN, regex.IGNORECASE)
-        self.cache: dict[str, list[int]] = {token: [index] for token, index in self.special_ids.items()}
+        self.cache: dict[str, tuple[int, ...]] = {token: (index,) for token, index in self.special_ids.items()}
 
     @property
     def vocab_size(self) -> int:
@@ -183,8 +190,7 @@ class BPETokenizer:
         ids[-1] += N_BYTES
         return ids
 
-    def encode_word(self, word: str) -> list[int]:
-        """BPE on one word: apply the lowest-ranked learned merge until none applies."""
+    def _word_ids(self, word: str) -> tuple[int, ...]:
         if word in self.cache:
             return self.cache[word]
         ids = self.word_to_base_ids(word)
@@ -195,9 +201,16 @@ class BPETokenizer:
                 break
             ids = merge_pair(ids, pair, self.merges[pair])
         if len(self.cache) > 100_000:  # keep memory bounded on endless streams of new words
-            self.cache = {token: [index] for token, index in self.special_ids.items()}
-        self.cache[word] = ids
-        return ids
+            self.cache = {token: (index,) for token, index in self.special_ids.items()}
+        self.cache[word] = tuple(ids)
+        return self.cache[word]
+
+    def encode_word(self, word: str) -> list[int]:
+        """BPE on one word: apply the earliest-learned merge present, until none applies.
+
+        Results are cached per word (captions repeat their words a lot), as open_clip does.
+        """
+        return list(self._word_ids(word))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (cleaned and lowercased as CLIP does); ``""`` gives ``[]``."""
@@ -205,7 +218,7 @@ class BPETokenizer:
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = []
         for word in self.words(text):
-            ids.extend(self.encode_word(word))
+            ids.extend(self._word_ids(word))
         return ids
 
     # ---- decoding ------------------------------------------------------------------
@@ -219,10 +232,10 @@ class BPETokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of token ids: every end-of-word becomes a space, as in open_clip."""
-        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        ids = [operator.index(i) for i in (ids.tolist() if isinstance(ids, torch.Tensor) else ids)]
         for index in ids:
-            self._check_id(int(index))
-        raw = b"".join(self.token_bytes[int(index)] for index in ids)
+            self._check_id(index)
+        raw = b"".join(self.token_bytes[index] for index in ids)
         return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ")
 
     # ---- training ------------------------------------------------------------------

@@ -185,6 +185,13 @@ def test_training_stops_with_a_warning_when_pairs_run_out():
     assert tokenizer.encode("abc") == [513]
 
 
+def test_constructor_rejects_impossible_merges():
+    with pytest.raises(ValueError, match="does not exist yet"):
+        BPETokenizer([(10, 600)])
+    with pytest.raises(ValueError, match="ends a word"):
+        BPETokenizer([(300, 10)])
+
+
 def test_train_rejects_a_vocabulary_smaller_than_the_bytes():
     with pytest.raises(ValueError, match="at least 512"):
         BPETokenizer().train(["abc"], 300)
@@ -246,6 +253,9 @@ def test_empty_text_and_bad_ids(course):
             course.decode([5, bad])
     with pytest.raises(TypeError):
         course.encode(None)
+    with pytest.raises(TypeError):
+        course.decode([1.5])
+    assert course.decode(torch.tensor([320, 563])) == course.decode([320, 563]) == "a red "
 
 
 # ---- DALL·E's fixed-length text --------------------------------------------------------------
