@@ -19,7 +19,7 @@ The ids: 0..255 are the bytes inside a word, 256..511 the same bytes ending a wo
 CLIP's order, which lists printable bytes first), 512.. one id per merge in the order they
 were learned, then special tokens (CLIP has ``<start_of_text>`` and ``<end_of_text>``).
 :meth:`BPETokenizer.train` learns merges from your texts; :meth:`BPETokenizer.from_clip`
-loads the 48,894 merges that CLIP learned from its 400M captions. The merges file is
+loads the first 48,894 merges of the file OpenAI made for CLIP, as CLIP does. The merges file is
 CLIP's own text format (one merge per line, bytes shown as printable characters), so a
 file we save can be read by open_clip too, and CLIP's file is read by :meth:`load`.
 """
