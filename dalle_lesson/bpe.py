@@ -455,7 +455,9 @@ def ids_to_texts(tokenizer: BPETokenizer, batch: torch.Tensor) -> list[str]:
 
 def _train_from_command_line(args: argparse.Namespace) -> None:
     if args.text:
-        texts = Path(args.text).read_text(encoding="utf-8").splitlines()
+        if not Path(args.text).is_file():
+            raise SystemExit(f"--text {args.text}: no such file (give a UTF-8 text file, one text per line)")
+        texts = Path(args.text).read_text(encoding="utf-8", errors="replace").splitlines()
     else:
         texts = course_corpus(include_emoji=args.corpus == "course")
     tokenizer = BPETokenizer().train(texts, args.vocab_size)
@@ -466,11 +468,11 @@ def _train_from_command_line(args: argparse.Namespace) -> None:
 def add_train_command(subparsers) -> None:
     """``dalle-lesson train bpe``: learn a BPE vocabulary and write its merges file."""
     parser = subparsers.add_parser("bpe", help="train a byte-level BPE tokenizer")
-    parser.add_argument("--vocab-size", type=int, default=COURSE_VOCAB_SIZE)
+    parser.add_argument("--vocab-size", type=int, default=COURSE_VOCAB_SIZE, help="512 byte symbols + merges (default 1024)")
     parser.add_argument(
         "--corpus", default="course", choices=["course", "shapes"],
         help="course = shapes captions + emoji names; shapes = shapes captions only",
     )
     parser.add_argument("--text", help="train on this UTF-8 text file instead (one text per line)")
-    parser.add_argument("--out", default="data/" + COURSE_TOKENIZER)
+    parser.add_argument("--out", default="data/" + COURSE_TOKENIZER, help="merges file to write")
     parser.set_defaults(run=_train_from_command_line)
