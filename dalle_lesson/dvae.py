@@ -77,8 +77,13 @@ class DVAEConfig:
 
     @classmethod
     def lesson(cls) -> "DVAEConfig":
-        """32x32 shapes -> 8x8 codes from a 512-code vocabulary; trains on one CPU core."""
-        return cls(image_size=32, vocab_size=512, n_hid=64, n_init=64, group_count=3, n_blk_per_group=1)
+        """32x32 shapes -> 8x8 codes from a 512-code vocabulary; trains on one CPU core.
+
+        Squared error instead of the logit-Laplace likelihood: on a short CPU budget it reaches
+        a higher PSNR (the lesson compares both).
+        """
+        return cls(image_size=32, vocab_size=512, n_hid=32, n_init=64, group_count=3, n_blk_per_group=1,
+                   likelihood="mse")
 
     @classmethod
     def paper(cls) -> "DVAEConfig":
@@ -542,17 +547,17 @@ def preload_images(dataset, count: int, image_size: int | None = None) -> torch.
 class TrainSettings:
     """The dVAE training recipe. Defaults are the shipped lesson checkpoint's."""
 
-    steps: int = 6000
-    batch_size: int = 64
+    steps: int = 3600
+    batch_size: int = 32
     lr: float = 2e-3
     lr_end: float = 2e-5  # cosine decay of the learning rate
     warmup_steps: int = 100
     weight_decay: float = 1e-4
     tau_start: float = 1.0
     tau_end: float = 1 / 16
-    tau_steps: int | None = None  # None: anneal over all steps
-    beta_max: float = 0.1  # the paper uses 6.6 (see the lesson for why we use less)
-    beta_steps: int = 1000
+    tau_steps: int | None = None  # anneal tau over this many steps; None: the first two thirds of training
+    beta_max: float = 0.01  # the paper's 6.6 is for the logit-Laplace likelihood; squared errors are ~100x smaller
+    beta_steps: int | None = None  # raise beta over this many steps; None: the first seventh of training
     hard_from: float = 1.0  # switch to straight-through one-hot codes after this fraction of steps
     grad_clip: float = 1.0
     seed: int = 0
@@ -581,7 +586,8 @@ def train_dvae(
     torch.manual_seed(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    tau_steps = s.tau_steps or s.steps
+    tau_steps = s.tau_steps or max(1, 2 * s.steps // 3)
+    beta_steps = s.beta_steps or max(1, s.steps // 7)
     history: list[dict] = []
     log_file = open(log_path, "a") if log_path else None
     start = time.perf_counter()
@@ -594,7 +600,7 @@ def train_dvae(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             tau = cosine_schedule(step, tau_steps, s.tau_start, s.tau_end)
-            beta = cosine_schedule(step, s.beta_steps, 0.0, s.beta_max)
+            beta = cosine_schedule(step, beta_steps, 0.0, s.beta_max)
             hard = step >= s.hard_from * s.steps
             batch = images[torch.randint(len(images), (s.batch_size,), generator=generator)].float() / 255
             out = model(batch, tau=tau, beta=beta, hard=hard)
@@ -660,7 +666,8 @@ def _train_command(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]()
-    config.likelihood = args.likelihood
+    if args.likelihood:
+        config.likelihood = args.likelihood
     if args.image_size:
         config.image_size = args.image_size
     if args.vocab_size:
@@ -669,8 +676,8 @@ def _train_command(args: argparse.Namespace) -> None:
         config.n_hid = args.n_hid
     config.__post_init__()
     settings = TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta_max=args.beta, beta_steps=args.beta_steps,
-        tau_end=args.tau_end, hard_from=args.hard_from, seed=args.seed,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta_max=args.beta, beta_steps=args.beta_steps or None,
+        tau_end=args.tau_end, tau_steps=args.tau_steps or None, hard_from=args.hard_from, seed=args.seed,
     )
     dataset = _dataset(args.dataset, config.image_size, "train", args.folder, length=args.train_images)
     images = preload_images(dataset, args.train_images, config.image_size)
@@ -696,14 +703,18 @@ def add_train_command(subparsers) -> None:
     add_dataset_arguments(parser, image_size=0)
     parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's codebook size")
     parser.add_argument("--n-hid", type=int, default=0, help="override the preset's width")
-    parser.add_argument("--likelihood", choices=["logit_laplace", "mse"], default="logit_laplace")
+    parser.add_argument("--likelihood", choices=["logit_laplace", "mse"], default=None,
+                        help="override the preset's likelihood (lesson: mse, paper: logit_laplace)")
     defaults = TrainSettings()
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--beta", type=float, default=defaults.beta_max, help="final KL weight")
-    parser.add_argument("--beta-steps", type=int, default=defaults.beta_steps)
+    parser.add_argument("--beta-steps", type=int, default=0,
+                        help="raise the KL weight over this many steps (default: a seventh of --steps)")
     parser.add_argument("--tau-end", type=float, default=defaults.tau_end)
+    parser.add_argument("--tau-steps", type=int, default=0,
+                        help="anneal the temperature over this many steps (default: two thirds of --steps)")
     parser.add_argument("--hard-from", type=float, default=defaults.hard_from,
                         help="fraction of training after which codes are straight-through one-hot")
     parser.add_argument("--train-images", type=int, default=20_000)
