@@ -18,6 +18,7 @@ from dalle_lesson.sampling import (
     filter_logits,
     generate,
     guided_logits,
+    next_image_logits,
     sample_from_logits,
     top_k_filter,
     top_p_filter,
@@ -75,6 +76,20 @@ def test_cache_gives_the_same_codes_as_recomputing(kind, settings):
     # The codes depend on the caption (so equality above is not a trivially constant output).
     other = generate(model, captions(model, seed=99), seed=7, use_cache=True, **settings)
     assert not torch.equal(cached, other)
+
+
+def test_next_image_logits_are_the_image_half_of_the_full_forward():
+    model = small_model("paper")
+    c = model.config
+    text = captions(model)
+    codes = torch.randint(0, 24, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(text, codes)[:, -1, c.text_vocab_total:]
+        torch.testing.assert_close(next_image_logits(model, torch.cat([text, codes], 1)), full, rtol=1e-5, atol=1e-5)
+        cache = model.new_cache(3)
+        next_image_logits(model, torch.cat([text, codes[:, :6]], 1), 0, cache)
+        torch.testing.assert_close(next_image_logits(model, codes[:, 6:], c.text_seq_len + 6, cache), full,
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_cache_with_priming_gives_the_same_codes():
