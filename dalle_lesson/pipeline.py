@@ -36,7 +36,10 @@ class Generation:
         """Save the images with their captions as a PNG grid (``dalle_lesson.viz.save_grid``)."""
         from dalle_lesson.viz import save_grid
 
-        return save_grid(list(self.images), str(path), self.captions, ncols=ncols or min(len(self.images), 4))
+        ncols = ncols or min(len(self.images), 4)
+        if len(set(self.captions)) == 1:  # one caption: say it once, as the title
+            return save_grid(list(self.images), str(path), ncols=ncols, title=self.captions[0] or "(no caption)")
+        return save_grid(list(self.images), str(path), self.captions, ncols=ncols)
 
 
 @dataclass
