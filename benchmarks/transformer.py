@@ -49,31 +49,41 @@ DALLE_PYTORCH_TOKENS_PER_S = 3500  # quoted in the course issue for DALLE-pytorc
 # --------------------------------------------------------------------------------------
 
 
-def training_throughput(attention: str, masks: str = "paper", batch_size: int = 16, warmup: int = 3,
-                        repeats: int = 10) -> dict:
+def training_throughput(variants=(("dense", "paper"), ("sparse", "paper"), ("dense", "causal")),
+                        batch_size: int = 16, warmup: int = 3, repeats: int = 15) -> list[dict]:
+    """Tokens/s of training steps for each (attention, masks) variant of the tiny preset.
+
+    The variants take turns step by step (round-robin), so a change in the machine's load
+    during the run hits them all alike; medians of ``repeats`` steps each.
+    """
     from dalle_lesson.dalle import DALLE, DALLEConfig
     from dalle_lesson.train import TrainSettings, make_optimizer
 
-    torch.manual_seed(0)
-    config = DALLEConfig.tiny(attention=attention, masks=masks)
-    model = DALLE(config).train()
-    optimizer = make_optimizer(model, TrainSettings())
+    runs = []
+    for attention, masks in variants:
+        torch.manual_seed(0)
+        config = DALLEConfig.tiny(attention=attention, masks=masks)
+        model = DALLE(config).train()
+        runs.append((model, make_optimizer(model, TrainSettings()), []))
     text = torch.randint(0, config.text_vocab_total, (batch_size, config.text_seq_len))
     codes = torch.randint(0, config.image_vocab_size, (batch_size, config.image_size, config.image_size))
-    times = []
     for step in range(warmup + repeats):
-        start = time.perf_counter()
-        loss = model.loss(text, codes)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
-        optimizer.step()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
-    step_s = statistics.median(times)
-    return {"attention": attention, "masks": masks, "batch_size": batch_size, "tokens_per_step": batch_size * config.seq_len,
-            "step_ms_median": round(step_s * 1000, 2), "tokens_per_s": round(batch_size * config.seq_len / step_s, 1),
-            "repeats": repeats}
+        for model, optimizer, times in runs:
+            start = time.perf_counter()
+            loss = model.loss(text, codes)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 4.0)
+            optimizer.step()
+            if step >= warmup:
+                times.append(time.perf_counter() - start)
+    results = []
+    for (attention, masks), (_, _, times) in zip(variants, runs):
+        step_s = statistics.median(times)
+        results.append({"attention": attention, "masks": masks, "batch_size": batch_size,
+                        "tokens_per_step": batch_size * config.seq_len, "step_ms_median": round(step_s * 1000, 2),
+                        "tokens_per_s": round(batch_size * config.seq_len / step_s, 1), "repeats": repeats})
+    return results
 
 
 # --------------------------------------------------------------------------------------
@@ -157,7 +167,7 @@ def main() -> None:
 
     started = time.time()
     load_before = os.getloadavg()
-    training = [training_throughput("dense"), training_throughput("sparse"), training_throughput("dense", "causal")]
+    training = training_throughput()
     for row in training:
         row["vs_dalle_pytorch_3500"] = round(row["tokens_per_s"] / DALLE_PYTORCH_TOKENS_PER_S, 3)
 

@@ -319,7 +319,9 @@ def _train_command(args: argparse.Namespace) -> None:
 
     overrides = {key: value for key, value in (("d_model", args.d_model), ("n_layers", args.layers),
                                                 ("n_heads", args.heads)) if value}
-    config = PRESETS[args.preset](attention=args.attention, **overrides)
+    if args.attention:
+        overrides["attention"] = args.attention
+    config = PRESETS[args.preset](**overrides)
     tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer()
     if tokenizer.vocab_size != config.text_vocab_size:
         config.text_vocab_size = tokenizer.vocab_size
@@ -363,8 +365,8 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--d-model", type=int, default=0, help="override the preset's width")
     parser.add_argument("--layers", type=int, default=0, help="override the preset's depth")
     parser.add_argument("--heads", type=int, default=0, help="override the preset's head count")
-    parser.add_argument("--attention", choices=["dense", "sparse"], default="sparse",
-                        help="same results; sparse computes only the row/column blocks")
+    parser.add_argument("--attention", choices=["dense", "sparse"], default=None,
+                        help="same results; sparse computes only the row/column blocks (default: the preset's)")
     add_dataset_arguments(parser, image_size=32)
     parser.add_argument("--train-images", type=int, default=20_000)
     parser.add_argument("--val-images", type=int, default=1000, help="shapes test-split pairs for validation")
