@@ -235,24 +235,45 @@ class DALLE(nn.Module):
         self.blocks = nn.ModuleList(Block(c, kind) for kind in c.layer_kinds())
         self.ln_final = nn.LayerNorm(c.d_model)
         self.head = nn.Linear(c.d_model, c.vocab_total, bias=False)
-        # One full-stream mask per kind in use, shared by the layers of that kind.
+        # One full-stream mask per kind in use, shared by the layers of that kind, and which
+        # half of the head is allowed at each output position (True = image half).
         for kind in sorted(set(c.layer_kinds())):
-            self.register_buffer(f"mask_{kind}", attention_mask(kind, c.text_seq_len, c.image_size, c.conv_kernel),
-                                 persistent=False)
-        # Which half of the head is allowed at each output position (True = image half).
-        predicts_image = torch.arange(c.seq_len) + 1 >= c.text_seq_len
-        self.register_buffer("predicts_image", predicts_image, persistent=False)
+            self.register_buffer(f"mask_{kind}", torch.empty(c.seq_len, c.seq_len, dtype=torch.bool), persistent=False)
+        self.register_buffer("predicts_image", torch.empty(c.seq_len, dtype=torch.bool), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fill the masks and draw fresh weights (GPT-2 style init), in place, on any device."""
+        c = self.config
+        device = self.head.weight.device
+        for kind in sorted(set(c.layer_kinds())):
+            self.mask(kind).copy_(attention_mask(kind, c.text_seq_len, c.image_size, c.conv_kernel).to(device))
+        self.predicts_image.copy_((torch.arange(c.seq_len) + 1 >= c.text_seq_len).to(device))
         self.apply(self._init_weights)
         for name, parameter in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
                 # residual branches start small so the stream's variance does not grow with depth
                 nn.init.normal_(parameter, std=0.02 / math.sqrt(2 * c.n_layers))
 
+    def materialize(self, device) -> "DALLE":
+        """A model built on the ``meta`` device, given real (initialised) memory on ``device``.
+
+        ``with torch.device("meta"): model = DALLE(config)`` costs nothing; then
+        ``model.materialize("cuda")`` allocates and initialises it where it will train.
+        """
+        self.to_empty(device=device)
+        with torch.no_grad():
+            self.reset_parameters()
+        return self
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
     def mask(self, kind: str) -> torch.Tensor:

@@ -191,3 +191,17 @@ def test_save_and_load_round_trip(tmp_path):
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], atol=2e-3, rtol=0)  # fp16 weights
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_meta_model_materializes_with_masks_and_weights():
+    config = small_config(n_layers=4)
+    with torch.device("meta"):
+        model = DALLE(config)
+    model.materialize("cpu")
+    reference = DALLE(config)
+    for kind in ("row", "column", "conv"):
+        assert torch.equal(model.mask(kind), reference.mask(kind))
+    assert torch.equal(model.predicts_image, reference.predicts_image)
+    assert all(torch.isfinite(p).all() and p.device.type == "cpu" for p in model.parameters())
+    text, codes = random_batch(config)
+    assert torch.isfinite(model.loss(text, codes)["loss"])
