@@ -572,6 +572,7 @@ def train_dvae(
     log_path: str | Path | None = None,
     progress: bool = True,
     previous_seconds: float = 0.0,
+    previous_steps: int = 0,
     eval_images: torch.Tensor | None = None,
 ) -> list[dict]:
     """Train ``model`` on ``images`` (uint8 ``[N, C, S, S]``); return the per-step log.
@@ -630,7 +631,7 @@ def train_dvae(
             bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}", tau=f"{tau:.3f}", refresh=False)
             if checkpoint and ((step + 1) % save_every == 0 or step + 1 == s.steps):
                 save_dvae(model, checkpoint, extra={
-                    "step": step + 1, "train_seconds": record["seconds"], "settings": asdict(s),
+                    "step": previous_steps + step + 1, "train_seconds": record["seconds"], "settings": asdict(s),
                 })
                 if log_file:
                     log_file.flush()
@@ -681,7 +682,13 @@ def _train_command(args: argparse.Namespace) -> None:
     )
     dataset = _dataset(args.dataset, config.image_size, "train", args.folder, length=args.train_images)
     images = preload_images(dataset, args.train_images, config.image_size)
-    model = DiscreteVAE(config)
+    model, previous_seconds, previous_steps = DiscreteVAE(config), 0.0, 0
+    if args.init_from:  # continue from a checkpoint (its config wins over the preset)
+        model = load_dvae(args.init_from)
+        config = model.config
+        metadata = read_checkpoint_metadata(args.init_from)
+        previous_seconds, previous_steps = metadata.get("train_seconds", 0.0), metadata.get("step", 0)
+        print(f"starting from {args.init_from} ({previous_steps} steps, {previous_seconds / 60:.1f} min so far)")
     print(f"dVAE preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"{config.image_size}x{config.image_size} -> {config.grid_size}x{config.grid_size} codes of {config.vocab_size}; "
           f"{len(images)} training images")
@@ -689,7 +696,7 @@ def _train_command(args: argparse.Namespace) -> None:
     if args.dataset == "shapes":
         held_out = preload_images(_dataset("shapes", config.image_size, "heldout", length=500), 500)
     train_dvae(model, images, settings, checkpoint=args.out, save_every=args.save_every, log_path=args.log,
-               eval_images=held_out)
+               eval_images=held_out, previous_seconds=previous_seconds, previous_steps=previous_steps)
     if held_out is not None:
         print("held-out shapes, saved checkpoint:", evaluate_dvae(load_dvae(args.out), held_out))
 
@@ -722,5 +729,6 @@ def add_train_command(subparsers) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--out", default="dvae.safetensors")
+    parser.add_argument("--init-from", default=None, help="continue training the dVAE in this checkpoint")
     parser.add_argument("--log", default=None, help="append one JSON line per step here")
     parser.set_defaults(run=_train_command)
