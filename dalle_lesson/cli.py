@@ -14,7 +14,7 @@ import argparse
 import sys
 
 
-def _dataset(name: str, image_size: int, split: str = "train", folder: str | None = None, length: int = 10_000):
+def make_dataset(name: str, image_size: int, split: str = "train", folder: str | None = None, length: int = 10_000):
     from dalle_lesson import data
 
     if name == "shapes":
@@ -43,7 +43,7 @@ def _data_grid(args: argparse.Namespace) -> None:
 
     from dalle_lesson.viz import save_grid
 
-    dataset = _dataset(args.dataset, args.image_size, args.split, args.folder)
+    dataset = make_dataset(args.dataset, args.image_size, args.split, args.folder)
     count = min(args.count, len(dataset))
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
     images, captions = zip(*(dataset[i] for i in picks))
@@ -61,48 +61,32 @@ def _add_data_grid(commands) -> None:
     parser.set_defaults(run=_data_grid)
 
 
-# ---- train ---------------------------------------------------------------------------
+# ---- train and generate ---------------------------------------------------------------
 
 
 def _add_train(commands) -> None:
+    """``train <stage>``: each stage's module adds its own parser next to the code it trains."""
+    from dalle_lesson import bpe, dvae, train, vae
+
     parser = commands.add_parser("train", help="train one stage of the pipeline")
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{" + ",".join(_TRAIN_STAGES) + "}")
-    for name, add in _TRAIN_STAGES.items():
-        add(stages)
-
-
-def _train_stages() -> dict:
-    """Each stage's module adds its own ``train <stage>`` parser (see ``add_train_command``)."""
-    stages = {}
-    for stage, module in (("vae", "vae"), ("dvae", "dvae"), ("bpe", "bpe"), ("dalle", "train"), ("clip", "clip")):
-        try:
-            imported = __import__(f"dalle_lesson.{module}", fromlist=["add_train_command"])
-        except ImportError:
-            continue
-        if hasattr(imported, "add_train_command"):
-            stages[stage] = imported.add_train_command
-    return stages
-
-
-_TRAIN_STAGES: dict = {}
+    stages = parser.add_subparsers(dest="stage", required=True)
+    vae.add_train_command(stages)  # lesson 01
+    dvae.add_train_command(stages)  # lesson 02
+    bpe.add_train_command(stages)  # lesson 03
+    train.add_train_command(stages)  # lesson 04: ``train dalle``
 
 
 # ---- main ----------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dalle_lesson.sampling import add_generate_command
+
     parser = argparse.ArgumentParser(prog="dalle-lesson", description="DALL·E, built step by step.")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_command(commands)
     _add_data_grid(commands)
-    _TRAIN_STAGES.update(_train_stages())
-    if _TRAIN_STAGES:
-        _add_train(commands)
-    try:
-        from dalle_lesson.sampling import add_generate_command
-    except ImportError:
-        pass
-    else:
-        add_generate_command(commands)
+    _add_train(commands)
     return parser
 
 

@@ -663,7 +663,7 @@ def evaluate_dvae(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 25
 
 
 def _train_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.cli import _dataset
+    from dalle_lesson.cli import make_dataset
 
     torch.set_num_threads(args.threads)
     config = PRESETS[args.preset]()
@@ -680,7 +680,7 @@ def _train_command(args: argparse.Namespace) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta_max=args.beta, beta_steps=args.beta_steps or None,
         tau_end=args.tau_end, tau_steps=args.tau_steps or None, hard_from=args.hard_from, seed=args.seed,
     )
-    dataset = _dataset(args.dataset, config.image_size, "train", args.folder, length=args.train_images)
+    dataset = make_dataset(args.dataset, config.image_size, "train", args.folder, length=args.train_images)
     images = preload_images(dataset, args.train_images, config.image_size)
     model, previous_seconds, previous_steps = DiscreteVAE(config), 0.0, 0
     if args.init_from:  # continue from a checkpoint (its config wins over the preset)
@@ -694,7 +694,7 @@ def _train_command(args: argparse.Namespace) -> None:
           f"{len(images)} training images")
     held_out = None
     if args.dataset == "shapes":
-        held_out = preload_images(_dataset("shapes", config.image_size, "heldout", length=500), 500)
+        held_out = preload_images(make_dataset("shapes", config.image_size, "heldout", length=500), 500)
     train_dvae(model, images, settings, checkpoint=args.out, save_every=args.save_every, log_path=args.log,
                eval_images=held_out, previous_seconds=previous_seconds, previous_steps=previous_steps)
     if held_out is not None:

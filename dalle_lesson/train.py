@@ -301,7 +301,7 @@ def train_dalle(
 
 def _train_command(args: argparse.Namespace) -> None:
     from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
-    from dalle_lesson.cli import _dataset
+    from dalle_lesson.cli import make_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -326,7 +326,7 @@ def _train_command(args: argparse.Namespace) -> None:
     if tokenizer.vocab_size != config.text_vocab_size:
         config.text_vocab_size = tokenizer.vocab_size
     image_size = args.image_size or 32
-    dataset = _dataset(args.dataset, image_size, "train", args.folder, length=args.train_images)
+    dataset = make_dataset(args.dataset, image_size, "train", args.folder, length=args.train_images)
     name = f"{args.dataset}-train-{len(dataset)}-{image_size}" if args.dataset != "folder" else \
         f"folder{hashlib.sha256(str(Path(args.folder).resolve()).encode()).hexdigest()[:8]}-{len(dataset)}-{image_size}"
     codes, captions = cached_codes(dataset, name, args.dvae, args.cache_dir, progress=rank == 0)

@@ -423,14 +423,14 @@ def evaluate(model: Autoencoder | VAE, images: torch.Tensor, batch_size: int = 2
 
 
 def _train_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.cli import _dataset
+    from dalle_lesson.cli import make_dataset
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = VAEConfig(image_size=args.image_size, latent_dim=args.latent_dim, width=args.width, pixel_sigma=args.pixel_sigma)
     model = (Autoencoder if args.autoencoder else VAE)(config).to(args.device)
-    dataset = _dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
+    dataset = make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
     count = min(args.train_images, len(dataset))
     images = torch.stack([dataset[i][0] for i in range(count)])
     print(f"{type(model).__name__}: {model.num_parameters():,} parameters, {count} {args.dataset} images, {args.steps} steps")

@@ -1,13 +1,11 @@
 """load_openai_dvae against OpenAI's own ``dall_e`` package (PyPI ``dall-e==0.1``).
 
-The reference package is NOT a dependency of the course. To run these tests, make it
-importable in one of two ways (it needs only torch, attrs, numpy and requests, so install it
-without its pinned extras):
+The reference package is not a dependency of the course, only of the ``test`` extra
+(``pip install -e ".[test]"`` brings it). For another environment, either
+``pip install dall-e==0.1`` or put it on a path of its own:
 
     pip install --no-deps --target /tmp/dall_e_ref dall-e==0.1
     DALL_E_PATH=/tmp/dall_e_ref pytest tests/test_openai_dvae.py
-
-or ``pip install --no-deps dall-e==0.1`` into the test environment.
 """
 
 from __future__ import annotations
