@@ -14,6 +14,7 @@ import torch
 
 from dalle_lesson.dalle import DALLE, DALLEConfig
 from dalle_lesson.sampling import (
+    draw_from,
     empty_text_ids,
     filter_logits,
     generate,
@@ -164,6 +165,31 @@ def test_samples_follow_the_tempered_distribution():
         expected = (logits[0].double() / temperature).softmax(-1)
         bound = 5 * (expected * (1 - expected) / len(draws)).sqrt()
         assert ((frequencies - expected).abs() <= bound).all(), (temperature, frequencies, expected)
+
+
+def test_draw_from_is_the_inverse_cdf_rule():
+    """Each draw is the entry where the same uniform number lands, found by a plain loop."""
+    probabilities = torch.tensor([[0.0, 0.1, 0.0, 0.0, 0.5, 0.4, 0.0], [0.25, 0.25, 0.0, 0.25, 0.25, 0.0, 0.0]])
+    for seed in range(200):
+        draws = draw_from(probabilities, torch.Generator().manual_seed(seed))
+        uniform = torch.rand(2, 1, generator=torch.Generator().manual_seed(seed))  # the same numbers
+        for row, draw in zip(range(2), draws.tolist()):
+            running_sum = probabilities[row].cumsum(0)
+            point = (1 - uniform[row, 0]) * running_sum[-1]
+            first = next(index for index in range(7) if running_sum[index] >= point)
+            assert draw == first and probabilities[row, first] > 0, (seed, row)
+
+
+def test_draw_from_never_picks_a_zero_probability_entry():
+    """Zeros first, last and between: 50,000 draws land only on the non-zero entries, in proportion."""
+    probabilities = torch.tensor([0.0, 0.0, 0.3, 0.0, 0.7, 0.0]).repeat(50_000, 1)
+    draws = draw_from(probabilities, torch.Generator().manual_seed(3))
+    counts = torch.bincount(draws, minlength=6)
+    assert counts[[0, 1, 3, 5]].sum() == 0
+    assert abs(counts[2] / len(draws) - 0.3) < 5 * (0.3 * 0.7 / len(draws)) ** 0.5
+    one_hot = torch.zeros(8, 512)
+    one_hot[torch.arange(8), torch.arange(8) * 60] = 1.0  # all the mass on one entry
+    assert draw_from(one_hot, torch.Generator().manual_seed(0)).tolist() == [i * 60 for i in range(8)]
 
 
 def test_filtered_codes_stay_inside_the_kept_set():
