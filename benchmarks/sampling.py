@@ -115,7 +115,7 @@ def main() -> None:
     rows = [
         measure("tiny", DALLEConfig.tiny(), 1, args.repeats, full_uncached=True, estimate_samples=args.estimate_samples),
         measure("tiny", DALLEConfig.tiny(), 16, args.repeats, full_uncached=True, estimate_samples=args.estimate_samples),
-        measure("256 text + 32x32 image, d_model 256, 2 layers, 8 heads", long_stream, 1, max(1, args.repeats // 2),
+        measure("256 text + 32x32 image, d_model 256, 2 layers, 8 heads", long_stream, 1, args.repeats,
                 full_uncached=False, estimate_samples=args.estimate_samples),
     ]
     result = {
