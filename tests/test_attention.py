@@ -6,13 +6,7 @@ import torch
 from dalle_lesson.attention import attention_mask, dense_attention, layer_mask_kinds, sparse_attention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # The paper's small example: 3 text tokens, then a 4x4 image grid in raster order.

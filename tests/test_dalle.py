@@ -7,14 +7,7 @@ import torch.nn.functional as F
 from dalle_lesson.dalle import DALLE, DALLEConfig, load_dalle, save_dalle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def small_config(**overrides) -> DALLEConfig:

@@ -10,14 +10,7 @@ from dalle_lesson.dalle import DALLE, DALLEConfig, load_dalle
 from dalle_lesson.train import TrainSettings, cached_codes, learning_rate, parameter_groups, train_dalle
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one thread is fastest, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def small_config(**overrides) -> DALLEConfig:

@@ -1,0 +1,13 @@
+"""Fixtures shared by several test files."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """Small tensors: one thread is fastest, and the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
