@@ -66,12 +66,13 @@ def _add_data_grid(commands) -> None:
 
 def _add_train(commands) -> None:
     """``train <stage>``: each stage's module adds its own parser next to the code it trains."""
-    from dalle_lesson import bpe, dvae, train, vae
+    from dalle_lesson import bpe, dvae, train, vae, vqvae
 
     parser = commands.add_parser("train", help="train one stage of the pipeline")
     stages = parser.add_subparsers(dest="stage", required=True)
     vae.add_train_command(stages)  # lesson 01
     dvae.add_train_command(stages)  # lesson 02
+    vqvae.add_train_command(stages)  # lesson 02, for comparison
     bpe.add_train_command(stages)  # lesson 03
     train.add_train_command(stages)  # lesson 04: ``train dalle``
 

@@ -322,3 +322,38 @@ def test_vqvae_training_lowers_the_loss():
     images = (torch.rand(64, 3, 16, 16) > 0.5).to(torch.uint8) * 255
     history = train_vqvae(model, images, steps=40, batch_size=16, progress=False)
     assert sum(h["reconstruction"] for h in history[-5:]) < sum(h["reconstruction"] for h in history[:5])
+
+
+def test_vqvae_checkpoint_round_trip_and_nan_stop(tmp_path, capsys):
+    from dalle_lesson.vqvae import VQVAE, checkpoint_metadata, load_vqvae, train_vqvae
+
+    torch.manual_seed(0)
+    model = VQVAE(small_config(), embedding_dim=8)
+    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
+    path = tmp_path / "vq.safetensors"
+    train_vqvae(model, images, steps=3, batch_size=4, progress=False, checkpoint=path, save_every=1)
+    loaded = load_vqvae(path)
+    assert loaded.embedding_dim == 8 and loaded.config == model.config
+    assert checkpoint_metadata(path)["step"] == 3
+    batch = images[:4].float() / 255
+    # fp16 storage: the same codes, and pixels within fp16 rounding of the trained model's
+    assert torch.equal(loaded.encode(batch), model.encode(batch))
+    torch.testing.assert_close(loaded.decode(model.encode(batch)), model.decode(model.encode(batch)), atol=2e-3, rtol=0)
+    good = path.read_bytes()
+    with torch.no_grad():
+        model.encoder.blocks.input.weight.fill_(float("nan"))
+    assert train_vqvae(model, images, steps=3, batch_size=4, progress=False, checkpoint=path, save_every=1) == []
+    assert "loss became nan" in capsys.readouterr().out
+    assert path.read_bytes() == good
+    dvae.save_dvae(DiscreteVAE(small_config()), tmp_path / "d.safetensors")
+    with pytest.raises(ValueError, match="not a dalle_lesson VQ-VAE checkpoint"):
+        load_vqvae(tmp_path / "d.safetensors")
+
+
+def test_cli_train_vqvae(tmp_path):
+    from dalle_lesson.cli import main
+    from dalle_lesson.vqvae import load_vqvae
+
+    out = tmp_path / "vq.safetensors"
+    main(["train", "vqvae", "--steps", "2", "--batch-size", "4", "--train-images", "16", "--out", str(out)])
+    assert load_vqvae(out).encode(torch.rand(1, 3, 32, 32)).shape == (1, 8, 8)
