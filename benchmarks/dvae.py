@@ -5,8 +5,10 @@
 Measures, on held-out shapes images (splits "test" and "heldout"): PSNR of reconstructions
 from the hard (argmax) codes, the fraction of the codebook in use and its perplexity; the
 training time recorded in the checkpoint; PSNR on the emoji pictures (images the dVAE never
-saw); and encode/decode images per second of the `paper` dVAE (256x256 -> 32x32 codes of
-8192, random weights) on this CPU. Writes benchmarks/results/dvae.json and prints a table.
+saw); the same scores for the shipped lesson VQ-VAE (the same networks with a nearest-neighbour
+codebook, trained for the same number of steps), for comparison; and encode/decode images per
+second of the `paper` dVAE (256x256 -> 32x32 codes of 8192, random weights) on this CPU.
+Writes benchmarks/results/dvae.json and prints a table.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ def paper_speed(batch_size: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="default: the shipped data/dvae_lesson.safetensors")
+    parser.add_argument("--vqvae", default=None, help="default: the shipped data/vqvae_lesson.safetensors")
     parser.add_argument("--images", type=int, default=1000, help="held-out images per split")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--speed-batch", type=int, default=2)
@@ -99,12 +102,23 @@ def main() -> None:
     else:
         lesson["emoji"] = reconstruction_scores(model, images_of(emoji, len(emoji)))
 
+    from dalle_lesson.vqvae import checkpoint_metadata, load_vqvae
+
+    vq_path = args.vqvae or shipped_path("vqvae_lesson.safetensors")
+    vq_model, vq_metadata = load_vqvae(vq_path), checkpoint_metadata(vq_path)
+    vq = {"checkpoint": os.path.basename(str(vq_path)), "train_steps": vq_metadata.get("step"),
+          "train_seconds": vq_metadata.get("train_seconds"), "train_settings": vq_metadata.get("settings")}
+    for split in ("test", "heldout"):
+        dataset = ShapesDataset(length=args.images, image_size=model.config.image_size, split=split, seed=1)
+        vq[f"shapes_{split}"] = reconstruction_scores(vq_model, images_of(dataset, args.images))
+
     results = {
         "benchmark": "dvae", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
         "lesson_dvae": lesson,
+        "lesson_vqvae": vq,
         "paper_dvae_256px_cpu": paper_speed(args.speed_batch, args.speed_repeats),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +132,11 @@ def main() -> None:
         if row is None:
             print(f"{name:<16}  (not available)")
             continue
+        print(f"{name:<16}{row['images']:>6}{row['psnr_db_mean']:>14.2f}{row['psnr_db_median']:>9.2f}"
+              f"{row['psnr_db_p10']:>8.2f}{row['codebook_fraction_used']:>12.1%}{row['codebook_perplexity']:>12.1f}")
+    print(f"lesson VQ-VAE ({vq['checkpoint']}, {vq['train_steps']} steps, {(vq['train_seconds'] or 0) / 60:.1f} min)")
+    for name in ("shapes_test", "shapes_heldout"):
+        row = vq[name]
         print(f"{name:<16}{row['images']:>6}{row['psnr_db_mean']:>14.2f}{row['psnr_db_median']:>9.2f}"
               f"{row['psnr_db_p10']:>8.2f}{row['codebook_fraction_used']:>12.1%}{row['codebook_perplexity']:>12.1f}")
     speed = results["paper_dvae_256px_cpu"]

@@ -127,7 +127,7 @@ def train_vqvae(model: VQVAE, images: torch.Tensor, steps: int = 300, batch_size
         optimizer.step()
         history.append({"step": step + 1, "loss": out.loss.item(), "reconstruction": out.reconstruction_loss.item(),
                         "codebook": out.codebook_loss.item(), "commitment": out.commitment_loss.item(),
-                        "seconds": time.perf_counter() - start})
+                        "codes_in_batch": out.codes.unique().numel(), "seconds": time.perf_counter() - start})
         if checkpoint and ((step + 1) % save_every == 0 or step + 1 == steps):
             settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
             save_vqvae(model, checkpoint, extra={"step": step + 1, "train_seconds": history[-1]["seconds"],
