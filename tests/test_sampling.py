@@ -295,6 +295,17 @@ def test_generate_leaves_training_mode_alone():
     assert model.training
 
 
+def test_generated_codes_can_train_the_model():
+    # generate works under inference_mode; what it returns must still be an ordinary tensor
+    # that autograd accepts, e.g. as training targets.
+    model = small_model("paper").train()
+    text = captions(model)
+    codes = generate(model, text, seed=0)
+    assert not codes.is_inference()
+    model.loss(text, codes)["loss"].backward()
+    assert model.head.weight.grad is not None
+
+
 # ---- bad settings ---------------------------------------------------------------------
 
 
