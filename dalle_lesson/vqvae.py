@@ -204,6 +204,8 @@ def _train_command(args: argparse.Namespace) -> None:
           f"parameters, {config.vocab_size} codes of dimension {args.embedding_dim}; {len(images)} training images")
     train_vqvae(model, images, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                 checkpoint=args.out, save_every=args.save_every)
+    if not Path(args.out).exists():  # stopped (NaN loss) before the first save
+        raise SystemExit(f"no checkpoint was written to {args.out}; try a lower --lr")
     if args.dataset == "shapes":
         held_out = preload_images(make_dataset("shapes", config.image_size, "heldout", length=500), 500)
         print("held-out shapes, saved checkpoint:", evaluate_dvae(load_vqvae(args.out), held_out))
