@@ -49,6 +49,14 @@ def reconstruction_scores(model: DiscreteVAE, images: torch.Tensor, batch_size: 
     }
 
 
+def print_row(name: str, row: dict | None) -> None:
+    if row is None:
+        print(f"{name:<16}  (not available)")
+        return
+    print(f"{name:<16}{row['images']:>6}{row['psnr_db_mean']:>14.2f}{row['psnr_db_median']:>9.2f}"
+          f"{row['psnr_db_p10']:>8.2f}{row['codebook_fraction_used']:>12.1%}{row['codebook_perplexity']:>12.1f}")
+
+
 @torch.no_grad()
 def paper_speed(batch_size: int, repeats: int) -> dict:
     torch.manual_seed(0)
@@ -92,9 +100,11 @@ def main() -> None:
     lesson = {"checkpoint": os.path.basename(str(path)), "config": metadata["config"],
               "train_steps": metadata.get("step"), "train_seconds": metadata.get("train_seconds"),
               "train_settings": metadata.get("settings")}
-    for split in ("test", "heldout"):
-        dataset = ShapesDataset(length=args.images, image_size=model.config.image_size, split=split, seed=1)
-        lesson[f"shapes_{split}"] = reconstruction_scores(model, images_of(dataset, args.images))
+    # The same held-out images score both the dVAE and the VQ-VAE.
+    shapes = {split: images_of(ShapesDataset(length=args.images, image_size=model.config.image_size, split=split,
+                                             seed=1), args.images) for split in ("test", "heldout")}
+    for split, images in shapes.items():
+        lesson[f"shapes_{split}"] = reconstruction_scores(model, images)
     try:
         emoji = EmojiDataset(image_size=model.config.image_size)
     except FileNotFoundError:
@@ -108,9 +118,8 @@ def main() -> None:
     vq_model, vq_metadata = load_vqvae(vq_path), checkpoint_metadata(vq_path)
     vq = {"checkpoint": os.path.basename(str(vq_path)), "train_steps": vq_metadata.get("step"),
           "train_seconds": vq_metadata.get("train_seconds"), "train_settings": vq_metadata.get("settings")}
-    for split in ("test", "heldout"):
-        dataset = ShapesDataset(length=args.images, image_size=model.config.image_size, split=split, seed=1)
-        vq[f"shapes_{split}"] = reconstruction_scores(vq_model, images_of(dataset, args.images))
+    for split, images in shapes.items():
+        vq[f"shapes_{split}"] = reconstruction_scores(vq_model, images)
 
     results = {
         "benchmark": "dvae", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -128,17 +137,10 @@ def main() -> None:
           f"{(lesson['train_seconds'] or 0) / 60:.1f} min of training)")
     print(f"{'images':<16}{'n':>6}{'PSNR mean dB':>14}{'median':>9}{'p10':>8}{'codes used':>12}{'perplexity':>12}")
     for name in ("shapes_test", "shapes_heldout", "emoji"):
-        row = lesson[name]
-        if row is None:
-            print(f"{name:<16}  (not available)")
-            continue
-        print(f"{name:<16}{row['images']:>6}{row['psnr_db_mean']:>14.2f}{row['psnr_db_median']:>9.2f}"
-              f"{row['psnr_db_p10']:>8.2f}{row['codebook_fraction_used']:>12.1%}{row['codebook_perplexity']:>12.1f}")
+        print_row(name, lesson[name])
     print(f"lesson VQ-VAE ({vq['checkpoint']}, {vq['train_steps']} steps, {(vq['train_seconds'] or 0) / 60:.1f} min)")
     for name in ("shapes_test", "shapes_heldout"):
-        row = vq[name]
-        print(f"{name:<16}{row['images']:>6}{row['psnr_db_mean']:>14.2f}{row['psnr_db_median']:>9.2f}"
-              f"{row['psnr_db_p10']:>8.2f}{row['codebook_fraction_used']:>12.1%}{row['codebook_perplexity']:>12.1f}")
+        print_row(name, vq[name])
     speed = results["paper_dvae_256px_cpu"]
     print(f"paper dVAE ({speed['parameters_millions']:.1f}M parameters) at 256x256 on CPU, "
           f"{torch.get_num_threads()} thread(s), batch {speed['batch_size']}: "
