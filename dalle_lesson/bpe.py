@@ -26,7 +26,6 @@ file we save can be read by open_clip too, and CLIP's file is read by :meth:`loa
 
 from __future__ import annotations
 
-import argparse
 import functools
 import gzip
 import heapq
@@ -42,6 +41,8 @@ from typing import Iterable, Sequence
 import ftfy
 import regex
 import torch
+
+from dalle_lesson.checkpoint import atomic_write
 
 END_OF_WORD = "</w>"
 # CLIP's word splitter: contractions, runs of letters, one digit at a time, runs of other
@@ -205,13 +206,6 @@ class BPETokenizer:
         self.cache[word] = tuple(ids)
         return self.cache[word]
 
-    def encode_word(self, word: str) -> list[int]:
-        """BPE on one word: apply the earliest-learned merge present, until none applies.
-
-        Results are cached per word (captions repeat their words a lot), as open_clip does.
-        """
-        return list(self._word_ids(word))
-
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (cleaned and lowercased as CLIP does); ``""`` gives ``[]``."""
         if not isinstance(text, str):
@@ -312,11 +306,8 @@ class BPETokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the merges file (a header line, then one merge per line), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("\n".join([FILE_HEADER, *self.merge_lines()]) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        text = "\n".join([FILE_HEADER, *self.merge_lines()]) + "\n"
+        atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
 
     @classmethod
     def load(
@@ -446,33 +437,3 @@ def ids_to_texts(tokenizer: BPETokenizer, batch: torch.Tensor) -> list[str]:
     if (batch < 0).any() or (batch >= pad_limit).any():
         raise ValueError(f"ids must lie in 0..{pad_limit - 1} (tokens, then one padding id per position)")
     return [tokenizer.decode([i for i in row if i < tokenizer.vocab_size]).strip() for row in batch.tolist()]
-
-
-# --------------------------------------------------------------------------------------
-# dalle-lesson train bpe
-# --------------------------------------------------------------------------------------
-
-
-def _train_from_command_line(args: argparse.Namespace) -> None:
-    if args.text:
-        if not Path(args.text).is_file():
-            raise SystemExit(f"--text {args.text}: no such file (give a UTF-8 text file, one text per line)")
-        texts = Path(args.text).read_text(encoding="utf-8", errors="replace").splitlines()
-    else:
-        texts = course_corpus(include_emoji=args.corpus == "course")
-    tokenizer = BPETokenizer().train(texts, args.vocab_size)
-    tokenizer.save(args.out)
-    print(f"trained {tokenizer!r} on {len(texts)} texts, wrote {args.out}")
-
-
-def add_train_command(subparsers) -> None:
-    """``dalle-lesson train bpe``: learn a BPE vocabulary and write its merges file."""
-    parser = subparsers.add_parser("bpe", help="train a byte-level BPE tokenizer")
-    parser.add_argument("--vocab-size", type=int, default=COURSE_VOCAB_SIZE, help="512 byte symbols + merges (default 1024)")
-    parser.add_argument(
-        "--corpus", default="course", choices=["course", "shapes"],
-        help="course = shapes captions + emoji names; shapes = shapes captions only",
-    )
-    parser.add_argument("--text", help="train on this UTF-8 text file instead (one text per line)")
-    parser.add_argument("--out", default="data/" + COURSE_TOKENIZER, help="merges file to write")
-    parser.set_defaults(run=_train_from_command_line)

@@ -1,49 +1,123 @@
-"""The ``dalle-lesson`` command.
+"""The ``dalle-lesson`` command: every parser of the course lives in this file.
 
-    dalle-lesson data-grid --dataset shapes --out shapes.png   # look at a dataset
-    dalle-lesson train dvae --preset lesson ...                 # train one stage
     dalle-lesson generate "a red circle" --out grid.png         # the whole pipeline
+    dalle-lesson data-grid --dataset shapes --out shapes.png    # look at a dataset
+    dalle-lesson train dvae --steps 3600 --out dvae.safetensors # train one stage
+    dalle-lesson train dvae --out dvae.safetensors --resume     # ... and continue it
 
-Each stage's training command lives next to the code it trains; this file only wires the
-sub-commands together.
+Every ``train`` stage takes the same core flags (``--preset --steps --batch-size --lr
+--seed --device --out --save-every --resume`` and the rest of the recipe) and runs through
+one engine, :func:`dalle_lesson.train.fit`; under ``torchrun`` it trains on many processes.
+Nonsense is refused before any work starts, and a run ends with one summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+import torch
+
+from dalle_lesson import stages
+from dalle_lesson.train import Recipe, TrainingDiverged, fit, seed_everything, summary
 
 
-def make_dataset(name: str, image_size: int, split: str = "train", folder: str | None = None, length: int = 10_000):
-    from dalle_lesson import data
-
-    if name == "shapes":
-        return data.ShapesDataset(length=length, image_size=image_size, split=split)
-    if name == "emoji":
-        return data.EmojiDataset(image_size=image_size)
-    if name == "folder":
-        if not folder:
-            raise SystemExit("--dataset folder needs --folder PATH (images with same-named .txt captions)")
-        return data.ImageFolderDataset(folder, image_size=image_size)
-    raise SystemExit(f"unknown dataset {name!r}: choose shapes, emoji or folder")
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default, and descriptions keep their line breaks."""
 
 
-def add_dataset_arguments(parser: argparse.ArgumentParser, image_size: int = 64) -> None:
+def _parser(commands, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--steps 0`` is refused, not silently a no-op)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must lie in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser, image_size: int) -> None:
     """The options every command that reads images shares."""
     parser.add_argument("--dataset", default="shapes", choices=["shapes", "emoji", "folder"])
     parser.add_argument("--folder", help="with --dataset folder: images with same-named .txt captions")
-    parser.add_argument("--image-size", type=int, default=image_size)
+    parser.add_argument("--image-size", type=positive_int, default=image_size,
+                        help="image side in pixels (0 = the preset's)" if image_size == 0 else "image side in pixels")
 
 
-# ---- data-grid -----------------------------------------------------------------------
+def check_output_path(out: str, force: bool = False, resume: bool = False) -> Path:
+    """Refuse an ``--out`` that cannot be written, before any work starts."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {path / 'model.safetensors'}")
+    folder = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write in {existing}; choose another folder")
+    if path.exists() and not (force or resume):
+        raise ValueError(f"--out {out} exists; add --resume to continue its run or --force to replace it")
+    if resume and not path.exists():
+        raise ValueError(f"--resume: there is no checkpoint at {out} to continue")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from dalle_lesson.pipeline import Pipeline
+
+    out = Path(args.out)
+    if not out.suffix:
+        out = out.with_suffix(".png")
+        print(f"--out has no extension; writing {out}")
+    check_output_path(str(out), force=True)
+    pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
+    result = pipeline(args.caption, num_images=args.num_images, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, guidance_scale=args.guidance, seed=args.seed, progress=True)
+    result.save_grid(out)
+    print(f"wrote {args.num_images} images for {args.caption!r} to {out}")
+
+
+def _add_generate(commands) -> None:
+    parser = _parser(commands, "generate", "caption -> BPE -> transformer sampling -> dVAE decode -> an image grid",
+                     "Draw images for a caption with the shipped checkpoints (or your own) and save a captioned grid.")
+    parser.add_argument("caption", help='the caption, e.g. "a small red circle above a big blue square"')
+    parser.add_argument("--num-images", type=positive_int, default=8, help="how many images to draw")
+    parser.add_argument("--out", default="grid.png", help="where to save the grid (PNG)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; 1 = the model's distribution")
+    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes each step")
+    parser.add_argument("--top-p", type=float, default=None, help="keep the most likely codes holding this mass")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (e.g. 3)")
+    parser.add_argument("--seed", type=seed_int, default=0)
+    parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped tiny model)")
+    parser.add_argument("--dvae", default=None, help="a dVAE checkpoint (default: the shipped lesson dVAE)")
+    parser.add_argument("--tokenizer", default=None, help="a BPE merges file (default: the course tokenizer)")
+    parser.set_defaults(run=_generate)
+
+
+# --------------------------------------------------------------------------------------
+# data-grid
+# --------------------------------------------------------------------------------------
 
 
 def _data_grid(args: argparse.Namespace) -> None:
-    import torch
-
     from dalle_lesson.viz import save_grid
 
-    dataset = make_dataset(args.dataset, args.image_size, args.split, args.folder)
+    check_output_path(args.out, force=True)
+    dataset = stages.make_dataset(args.dataset, args.image_size, args.split, args.folder)
     count = min(args.count, len(dataset))
     picks = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count].tolist()
     images, captions = zip(*(dataset[i] for i in picks))
@@ -52,40 +126,249 @@ def _data_grid(args: argparse.Namespace) -> None:
 
 
 def _add_data_grid(commands) -> None:
-    parser = commands.add_parser("data-grid", help="save a captioned grid of dataset images")
-    add_dataset_arguments(parser)
+    parser = _parser(commands, "data-grid", "save a captioned grid of dataset images")
+    add_dataset_arguments(parser, image_size=64)
     parser.add_argument("--split", default="train", choices=["train", "test", "heldout"])
-    parser.add_argument("--count", type=int, default=12)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--count", type=positive_int, default=12)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--out", default="data_grid.png")
     parser.set_defaults(run=_data_grid)
 
 
-# ---- train and generate ---------------------------------------------------------------
+# --------------------------------------------------------------------------------------
+# train <stage>: the core flags, then each stage's own
+# --------------------------------------------------------------------------------------
+
+
+def add_core_arguments(parser: argparse.ArgumentParser, stage: str, presets: list[str], out: str) -> None:
+    """The flags every trained stage shares; defaults are the stage's recipe (``stages.RECIPES``)."""
+    recipe = stages.RECIPES[stage]
+    parser.add_argument("--preset", choices=presets, default=presets[0], help="the model's sizes")
+    parser.add_argument("--steps", type=positive_int, default=recipe.steps, help="optimiser steps")
+    parser.add_argument("--batch-size", type=positive_int, default=recipe.batch_size,
+                        help="examples per step, over all processes")
+    parser.add_argument("--lr", type=float, default=recipe.lr, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=recipe.warmup_steps, help="linear warm-up steps")
+    parser.add_argument("--final-lr-fraction", type=float, default=recipe.final_lr_fraction,
+                        help="the cosine decay ends at lr times this")
+    parser.add_argument("--weight-decay", type=float, default=recipe.weight_decay)
+    parser.add_argument("--grad-clip", type=float, default=recipe.grad_clip, help="gradient-norm clip; 0 = none")
+    parser.add_argument("--grad-accum", type=positive_int, default=recipe.grad_accum,
+                        help="micro-batches per step (same result, less memory)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=recipe.precision,
+                        help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    parser.add_argument("--seed", type=seed_int, default=recipe.seed)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--out", default=out, help="the checkpoint to write (resume state goes beside it)")
+    parser.add_argument("--save-every", type=positive_int, default=recipe.save_every)
+    parser.add_argument("--log-every", type=positive_int, default=recipe.log_every)
+    parser.add_argument("--eval-every", type=int, default=recipe.eval_every, help="0 = validate at the end only")
+    parser.add_argument("--log", default=None, help="the CSV log (default: beside --out, .csv)")
+    parser.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.add_argument("--stop-at", type=positive_int, default=None,
+                        help="stop after this step as if interrupted (continue later with --resume)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+
+
+def recipe_from(args: argparse.Namespace) -> Recipe:
+    return Recipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
+                  final_lr_fraction=args.final_lr_fraction, weight_decay=args.weight_decay,
+                  beta1=stages.RECIPES[args.stage].beta1, beta2=stages.RECIPES[args.stage].beta2,
+                  grad_clip=args.grad_clip, grad_accum=args.grad_accum, seed=args.seed, log_every=args.log_every,
+                  eval_every=args.eval_every, save_every=args.save_every, precision=args.precision)
+
+
+def _train(args: argparse.Namespace) -> None:
+    """Check everything, seed, build the stage, then hand it to the engine."""
+    from dalle_lesson import checkpoint
+
+    check_output_path(args.out, force=args.force, resume=args.resume)
+    recipe = recipe_from(args)
+    if args.resume:  # the saved run's recipe wins: same schedule, same batches
+        recipe = Recipe(**checkpoint.load_resume_state(args.out)["recipe"])
+    recipe.check()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed_everything(recipe.seed)  # before the model is built: the same seed, the same initial weights
+    stage = args.build(args, recipe)
+    if args.fp16:
+        stage.save_dtype = torch.float16
+    parameters = sum(p.numel() for p in stage.model.parameters())
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"train {args.stage}: {parameters / 1e6:.2f}M parameters, {stage.num_examples} training examples, "
+              f"{recipe.steps} steps of {recipe.batch_size}")
+    log_path = args.log or str(Path(args.out).with_suffix(".csv"))
+    log = fit(stage, recipe, out=args.out, resume=args.resume, device=args.device, log_path=log_path,
+              stop_at=args.stop_at)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(summary(log, args.out))
+
+
+def _build_vae(args, recipe):
+    from dalle_lesson.vae import VAE, Autoencoder, VAEConfig
+
+    config = VAEConfig(image_size=args.image_size, latent_dim=args.latent_dim, width=args.width,
+                       pixel_sigma=args.pixel_sigma)
+    model = (Autoencoder if args.autoencoder else VAE)(config)
+    images = stages.preload_images(stages.make_dataset(args.dataset, args.image_size, "train", args.folder,
+                                                       length=args.train_images), args.train_images)
+    validation = _shapes_validation(args, args.image_size)
+    return stages.vae_stage(model, images, kl_weight=args.kl_weight, validation_images=validation)
+
+
+def _shapes_validation(args, image_size: int):
+    """Test-split shapes images for validation (only when training on shapes)."""
+    if args.dataset != "shapes" or not args.val_images:
+        return None
+    return stages.preload_images(stages.make_dataset("shapes", image_size, "test", length=args.val_images),
+                                 args.val_images)
+
+
+def _build_dvae(args, recipe):
+    from dalle_lesson.dvae import PRESETS, DiscreteVAE, DVAESchedule
+
+    config = PRESETS[args.preset]()
+    for name in ("image_size", "vocab_size", "n_hid", "likelihood"):
+        if getattr(args, name):
+            setattr(config, name, getattr(args, name))
+    config.__post_init__()
+    schedule = DVAESchedule(tau_end=args.tau_end, tau_steps=args.tau_steps, beta_max=args.beta,
+                            beta_steps=args.beta_steps, hard_from=args.hard_from)
+    images = stages.preload_images(stages.make_dataset(args.dataset, config.image_size, "train", args.folder,
+                                                       length=args.train_images), args.train_images)
+    validation = _shapes_validation(args, config.image_size)
+    return stages.dvae_stage(DiscreteVAE(config), images, recipe.steps, schedule, validation_images=validation)
+
+
+def _build_vqvae(args, recipe):
+    from dalle_lesson.dvae import DVAEConfig
+    from dalle_lesson.vqvae import VQVAE
+
+    model = VQVAE(DVAEConfig.lesson(), embedding_dim=args.embedding_dim)
+    size = model.config.image_size
+    images = stages.preload_images(stages.make_dataset(args.dataset, size, "train", args.folder,
+                                                       length=args.train_images), args.train_images)
+    return stages.vqvae_stage(model, images, validation_images=_shapes_validation(args, size))
+
+
+def _build_dalle(args, recipe):
+    from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
+    from dalle_lesson.dalle import DALLE, DALLEConfig
+
+    overrides = {key: value for key, value in (("d_model", args.d_model), ("n_layers", args.layers),
+                                                ("n_heads", args.heads), ("attention", args.attention)) if value}
+    config = {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}[args.preset](**overrides)
+    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer()
+    config.text_vocab_size = tokenizer.vocab_size
+    progress = int(os.environ.get("RANK", "0")) == 0
+    dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
+    name = f"{args.dataset}-train-{len(dataset)}-{args.image_size}" if args.dataset != "folder" else \
+        stages.folder_codes_name(args.folder, len(dataset), args.image_size)
+    codes, captions = stages.cached_codes(dataset, name, args.dvae, args.cache_dir, progress=progress)
+    config.image_size = codes.shape[-1]  # the dVAE decides the grid
+    text_ids = tokenize_batch(tokenizer, captions, config.text_seq_len)
+    validation = None
+    if args.dataset == "shapes" and args.val_images:
+        val_codes, val_captions = stages.shapes_codes("test", args.val_images, args.image_size, args.dvae,
+                                                      args.cache_dir, progress=progress)
+        validation = (tokenize_batch(tokenizer, val_captions, config.text_seq_len), val_codes)
+    pad_ids = tokenize_batch(tokenizer, [""], config.text_seq_len)[0]
+    return stages.dalle_stage(DALLE(config), text_ids, codes, pad_ids, args.caption_dropout, validation)
 
 
 def _add_train(commands) -> None:
-    """``train <stage>``: each stage's module adds its own parser next to the code it trains."""
-    from dalle_lesson import bpe, dvae, train, vae, vqvae
+    parser = _parser(commands, "train", "train one stage of the pipeline")
+    stage_parsers = parser.add_subparsers(dest="stage", required=True)
 
-    parser = commands.add_parser("train", help="train one stage of the pipeline")
-    stages = parser.add_subparsers(dest="stage", required=True)
-    vae.add_train_command(stages)  # lesson 01
-    dvae.add_train_command(stages)  # lesson 02
-    vqvae.add_train_command(stages)  # lesson 02, for comparison
-    bpe.add_train_command(stages)  # lesson 03
-    train.add_train_command(stages)  # lesson 04: ``train dalle``
+    vae = _parser(stage_parsers, "vae", "lesson 01: a VAE (or a plain autoencoder) on images")
+    add_core_arguments(vae, "vae", ["lesson"], "vae.safetensors")
+    add_dataset_arguments(vae, image_size=32)
+    vae.add_argument("--autoencoder", action="store_true", help="a plain autoencoder instead of a VAE")
+    vae.add_argument("--latent-dim", type=positive_int, default=16)
+    vae.add_argument("--width", type=positive_int, default=32, help="channels of the first conv layer")
+    vae.add_argument("--pixel-sigma", type=float, default=0.1, help="std of the Gaussian likelihood")
+    vae.add_argument("--kl-weight", type=float, default=1.0, help="beta; 1 = the true ELBO")
+    vae.add_argument("--train-images", type=positive_int, default=20_000, help="images loaded once, then batched")
+    vae.add_argument("--val-images", type=int, default=256, help="test-split shapes images for validation")
+    vae.set_defaults(run=_train, build=_build_vae)
+
+    dvae = _parser(stage_parsers, "dvae", "lesson 02: the discrete VAE (images -> grids of tokens)")
+    add_core_arguments(dvae, "dvae", ["lesson", "paper"], "dvae.safetensors")
+    add_dataset_arguments(dvae, image_size=0)
+    dvae.add_argument("--vocab-size", type=int, default=0, help="override the preset's codebook size")
+    dvae.add_argument("--n-hid", type=int, default=0, help="override the preset's width")
+    dvae.add_argument("--likelihood", choices=["logit_laplace", "mse"], default=None,
+                      help="override the preset's likelihood (lesson: mse, paper: logit_laplace)")
+    dvae.add_argument("--beta", type=float, default=0.01, help="final KL weight")
+    dvae.add_argument("--beta-steps", type=int, default=None, help="raise beta over this many steps (default: steps/7)")
+    dvae.add_argument("--tau-end", type=float, default=1 / 16, help="final Gumbel-softmax temperature")
+    dvae.add_argument("--tau-steps", type=int, default=None, help="anneal tau over this many steps (default: 2/3)")
+    dvae.add_argument("--hard-from", type=float, default=1.0, help="straight-through one-hot codes after this fraction")
+    dvae.add_argument("--train-images", type=positive_int, default=20_000)
+    dvae.add_argument("--val-images", type=int, default=500, help="test-split shapes images for validation")
+    dvae.set_defaults(run=_train, build=_build_dvae)
+
+    vqvae = _parser(stage_parsers, "vqvae", "lesson 02: the VQ-VAE (the dVAE's networks and a codebook)")
+    add_core_arguments(vqvae, "vqvae", ["lesson"], "vqvae.safetensors")
+    add_dataset_arguments(vqvae, image_size=32)
+    vqvae.add_argument("--embedding-dim", type=positive_int, default=32)
+    vqvae.add_argument("--train-images", type=positive_int, default=20_000)
+    vqvae.add_argument("--val-images", type=int, default=500, help="test-split shapes images for validation")
+    vqvae.set_defaults(run=_train, build=_build_vqvae)
+
+    dalle = _parser(stage_parsers, "dalle", "lesson 04: the DALL·E transformer on captions + dVAE codes")
+    add_core_arguments(dalle, "dalle", ["tiny", "paper"], "dalle.safetensors")
+    add_dataset_arguments(dalle, image_size=32)
+    dalle.add_argument("--d-model", type=int, default=0, help="override the preset's width")
+    dalle.add_argument("--layers", type=int, default=0, help="override the preset's depth")
+    dalle.add_argument("--heads", type=int, default=0, help="override the preset's head count")
+    dalle.add_argument("--attention", choices=["dense", "sparse"], default=None,
+                       help="same results; sparse computes only the row/column blocks (default: the preset's)")
+    dalle.add_argument("--train-images", type=positive_int, default=20_000)
+    dalle.add_argument("--val-images", type=int, default=1000, help="test-split shapes pairs for validation")
+    dalle.add_argument("--dvae", default=None, help="dVAE checkpoint (default: the shipped lesson dVAE)")
+    dalle.add_argument("--tokenizer", default=None, help="BPE file (default: the course tokenizer)")
+    dalle.add_argument("--cache-dir", default=None, help="where codes are cached (default ~/.cache/dalle_lesson)")
+    dalle.add_argument("--caption-dropout", type=float, default=0.1,
+                       help="fraction of captions replaced by the empty caption (for classifier-free guidance)")
+    dalle.set_defaults(run=_train, build=_build_dalle)
+
+    bpe = _parser(stage_parsers, "bpe", "lesson 03: a byte-level BPE tokenizer (its merges file)")
+    bpe.add_argument("--vocab-size", type=positive_int, default=1024, help="512 byte symbols + merges")
+    bpe.add_argument("--corpus", default="course", choices=["course", "shapes"],
+                     help="course = shapes captions + emoji names; shapes = shapes captions only")
+    bpe.add_argument("--text", help="train on this UTF-8 text file instead (one text per line)")
+    bpe.add_argument("--out", required=True, help="the merges file to write")
+    bpe.add_argument("--force", action="store_true", help="replace an existing --out (the shipped one too)")
+    bpe.set_defaults(run=_train_bpe)
 
 
-# ---- main ----------------------------------------------------------------------------
+def _train_bpe(args: argparse.Namespace) -> None:
+    from dalle_lesson.bpe import BPETokenizer, course_corpus
+
+    check_output_path(args.out, force=args.force)
+    if args.text:
+        if not Path(args.text).is_file():
+            raise ValueError(f"--text {args.text}: no such file (give a UTF-8 text file, one text per line)")
+        texts = Path(args.text).read_text(encoding="utf-8", errors="replace").splitlines()
+    else:
+        texts = course_corpus(include_emoji=args.corpus == "course")
+    tokenizer = BPETokenizer().train(texts, args.vocab_size)
+    tokenizer.save(args.out)
+    print(f"trained {tokenizer!r} on {len(texts)} texts, wrote {args.out}")
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dalle_lesson.sampling import add_generate_command
-
     parser = argparse.ArgumentParser(prog="dalle-lesson", description="DALL·E, built step by step.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_generate_command(commands)
+    _add_generate(commands)
     _add_data_grid(commands)
     _add_train(commands)
     return parser
@@ -93,7 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as error:
+        name = " ".join(filter(None, [args.command, getattr(args, "stage", None)]))
+        raise SystemExit(f"dalle-lesson {name}: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

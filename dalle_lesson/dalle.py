@@ -46,17 +46,16 @@ Precision
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
+from dalle_lesson import checkpoint
 from dalle_lesson.attention import MASK_KINDS, attention_mask, dense_attention, layer_mask_kinds, sparse_attention
 
 
@@ -131,15 +130,6 @@ class DALLEConfig:
         return cls(**{**dict(d_model=3968, n_layers=64, n_heads=62, text_seq_len=256, text_vocab_size=16384,
                              image_size=32, image_vocab_size=8192, attention="sparse",
                              activation_checkpointing=True), **overrides})
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DALLEConfig":
-        values = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 @dataclass
@@ -223,6 +213,8 @@ class Block(nn.Module):
 
 class DALLE(nn.Module):
     """Decoder-only transformer over [text tokens ; image codes]; see the module docstring."""
+
+    kind, config_class = "dalle", DALLEConfig  # how its checkpoints are named and rebuilt
 
     def __init__(self, config: DALLEConfig):
         super().__init__()
@@ -365,7 +357,7 @@ class DALLE(nn.Module):
             keys = cache.keys[i] if cache is not None else None
             values = cache.values[i] if cache is not None else None
             if c.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, start_pos, keys, values, use_reentrant=False)
+                x = recompute_in_backward(block, x, mask, start_pos, keys, values, use_reentrant=False)
             else:
                 x = block(x, mask, start_pos, keys, values)
         if cache is not None:
@@ -425,6 +417,22 @@ class DALLE(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+@torch.no_grad()
+def validation_loss(model: DALLE, text_ids: torch.Tensor, codes: torch.Tensor, batch_size: int = 128) -> dict[str, float]:
+    """Mean loss, text loss and image loss (nats per token) over a whole set of pairs."""
+    was_training = model.training
+    model.eval()
+    device = model.head.weight.device
+    totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+    for start in range(0, len(codes), batch_size):
+        text = text_ids[start : start + batch_size].to(device)
+        image = codes[start : start + batch_size].to(device).long()
+        for key, value in model.loss(text, image).items():
+            totals[key] += value.item() * len(image)
+    model.train(was_training)
+    return {key: value / len(codes) for key, value in totals.items()}
+
+
 def _check_range(ids: torch.Tensor, size: int, what: str, meaning: str) -> None:
     if ids.dtype.is_floating_point or ids.dtype == torch.bool:
         raise TypeError(f"{what} must be an integer tensor (torch.long), got {ids.dtype}")
@@ -439,36 +447,13 @@ def _check_range(ids: torch.Tensor, size: int, what: str, meaning: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def save_dalle(model: DALLE, path: str | Path, dtype: torch.dtype = torch.float16, metadata: dict | None = None) -> None:
-    """Write the weights (as ``dtype``) and config to a safetensors file, atomically."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    info = {"config": model.config.to_json(), **{k: str(v) for k, v in (metadata or {}).items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=info)
-    os.replace(tmp, path)
+def save_dalle(model: DALLE, path: str | Path, dtype: torch.dtype = torch.float16, **metadata) -> Path:
+    """Write the weights (as ``dtype``) and the config (:mod:`dalle_lesson.checkpoint`)."""
+    return checkpoint.save(model, path, dtype=dtype, **metadata)
 
 
 def load_dalle(path: str | Path | None = None, device: str | torch.device = "cpu") -> DALLE:
-    """Load a DALL·E checkpoint written by :func:`save_dalle`; ``None`` = the shipped tiny model.
-
-    Returns the model in fp32, in eval mode, on ``device``. Never unpickles code.
-    """
-    from safetensors import safe_open
-
+    """Load a DALL·E checkpoint; ``None`` = the shipped tiny model. fp32, eval mode, on ``device``."""
     from dalle_lesson.data import shipped_path
 
-    path = Path(path) if path is not None else shipped_path("dalle_tiny.safetensors")
-    if not path.is_file():
-        raise FileNotFoundError(f"no DALL·E checkpoint at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if "config" not in metadata:
-            raise ValueError(f"{path} has no 'config' in its metadata; was it written by dalle_lesson.dalle.save_dalle?")
-        state = {name: f.get_tensor(name).float() for name in f.keys()}
-    model = DALLE(DALLEConfig.from_json(metadata["config"]))
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return checkpoint.load(path or shipped_path("dalle_tiny.safetensors"), DALLE, device)

@@ -15,8 +15,11 @@ and ``caption`` is a ``str``. So every later lesson works on any of them.
 
 from __future__ import annotations
 
+import codecs
 import importlib.resources
 import math
+import operator
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
 
 # --------------------------------------------------------------------------------------
@@ -53,15 +56,96 @@ def shipped_path(name: str) -> Path:
     )
 
 
+# Pillow modes whose pixels are deeper than 8 bits: 16-bit integers (I;16 and its byte
+# orders), 32-bit integers (I) and 32-bit floats (F). All of them are one grey channel.
+DEEP_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB PIL image as a FloatTensor[3, H, W] in [0, 1]."""
-    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    """Any PIL image as a FloatTensor[3, H, W] in [0, 1].
+
+    Deep grey images (16-bit, 32-bit, float) are scaled by :func:`unit_grey` without a
+    detour through 8 bits; every other mode goes through :func:`to_rgb_on_white`.
+    """
+    if image.mode in DEEP_GREY_MODES:
+        return _grey_to_tensor(unit_grey(image))
+    return _rgb_to_tensor(to_rgb_on_white(image))
+
+
+def _rgb_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB PIL image as a FloatTensor[3, H, W] in [0, 1]."""
+    pixels = np.asarray(image, dtype=np.uint8)
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 255.0
 
 
+def _grey_to_tensor(image: Image.Image) -> torch.Tensor:
+    """A mode "F" PIL image with values in [0, 1] as a grey FloatTensor[3, H, W]."""
+    # Clipped because bicubic resizing of float pixels can overshoot a little past 0 and 1.
+    grey = torch.from_numpy(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0))
+    return grey.expand(3, *grey.shape).clone()
+
+
+def unit_grey(image: Image.Image, source: str | Path | None = None) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image as a mode "F" image with values in [0, 1].
+
+    ``Image.convert("RGB")`` just clips these pixels to 0..255, so a mid-grey 16-bit PNG
+    (32768) turns white and a float image in [0, 1] turns black. Here each mode is scaled
+    by the range its pixels follow:
+
+    * ``I;16``: divided by 65535.
+    * ``I`` (32-bit integers): 16-bit data if every value lies in 0..65535 (Pillow often
+      hands back 16-bit files in this mode), else the positive 32-bit range 0..2**31-1;
+      negative values are stretched as below.
+    * ``F`` (floats): taken as they are if they lie in [0, 1], else stretched from their
+      minimum to their maximum, with a warning that names ``source``.
+    """
+    if image.mode not in DEEP_GREY_MODES:
+        raise ValueError(f"unit_grey takes one of the modes {DEEP_GREY_MODES}, not {image.mode!r}")
+    values = np.asarray(image, dtype=np.float64)  # float64 holds every 32-bit integer exactly
+    values = np.where(np.isfinite(values), values, 0.0)  # NaN and inf carry no brightness
+    low, high = values.min(), values.max()
+    if image.mode.startswith("I;16"):
+        scaled = values / 65535
+    elif image.mode == "I" and low >= 0:
+        scaled = values / (65535 if high <= 65535 else 2**31 - 1)
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values
+    else:  # floats outside [0, 1] or negative integers: no convention fits
+        scaled = _stretch(values, image.mode, source)
+    return Image.fromarray(scaled.astype(np.float32))
+
+
+def _stretch(values: np.ndarray, mode: str, source: str | Path | None) -> np.ndarray:
+    """Map the smallest value to 0 and the largest to 1, and say so: brightness is guessed."""
+    low, high = float(values.min()), float(values.max())
+    warnings.warn(
+        f"image {source or '(in memory)'} (mode {mode}) has pixel values in [{low:g}, {high:g}], "
+        "not a range with a known meaning; stretched them to [0, 1]. Save it as 8- or 16-bit "
+        "to keep its real brightness.",
+        stacklevel=3,
+    )
+    if high == low:  # a flat image has no range to stretch
+        return np.clip(values, 0.0, 1.0)
+    return (values - low) / (high - low)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` carries transparency: an alpha band, or a transparent colour."""
+    # "transparency" in info: a palette index (P) or one colour (L, RGB) that is see-through.
+    return image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+
+
 def to_rgb_on_white(image: Image.Image) -> Image.Image:
-    """Drop transparency by compositing onto white (emoji and PNGs with alpha)."""
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+    """An 8-bit RGB copy of any PIL image, with transparent parts composited onto white.
+
+    ``convert("RGB")`` knows each mode's colour maths (palette, grey, CMYK, YCbCr, LAB) but
+    drops alpha, which would show the colour hidden under transparent pixels (often black).
+    Deep grey modes are scaled by :func:`unit_grey` first, since ``convert`` would clip them.
+    """
+    if image.mode in DEEP_GREY_MODES:
+        grey = np.asarray(unit_grey(image), dtype=np.float32)
+        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -410,21 +494,101 @@ class EmojiDataset(Dataset):
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than ``PIL.Image.MAX_IMAGE_PIXELS`` allows.
+
+    Pillow's limit guards against "decompression bombs": small files that decode to
+    gigabytes of pixels. This is not a broken file, so it is raised rather than skipped:
+    shrink the picture, or raise the limit if you trust the file.
+    """
+
+
+def _too_large(path: str | Path, detail: str) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"{path}: {detail}, more than PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS}) "
+        "allows, so it was not decoded (it may be a decompression bomb). Shrink the image, "
+        "or if you trust the file, raise the limit first: PIL.Image.MAX_IMAGE_PIXELS = <pixels>"
+    )
+
+
+def _open_image(path: str | Path) -> Image.Image:
+    """``Image.open``, refusing images over ``Image.MAX_IMAGE_PIXELS`` with ImageTooLargeError."""
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns up to twice the limit, then raises; we refuse all of it below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise _too_large(path, str(error).rstrip(".")) from None
+    limit = Image.MAX_IMAGE_PIXELS  # read now: a user may have changed it
+    if limit is not None and image.width * image.height > limit:
+        image.close()
+        raise _too_large(path, f"{image.width}x{image.height} = {image.width * image.height} pixels")
+    return image
+
+
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Open an image file, drop alpha onto white, resize and centre-crop to a square."""
-    with Image.open(path) as image:
-        image = to_rgb_on_white(image)
+    """An image file as a FloatTensor[3, image_size, image_size] in [0, 1].
+
+    Turned upright by its EXIF orientation (phone photos are stored sideways with a tag
+    saying so), transparency composited onto white, any mode Pillow reads turned into RGB
+    (see :func:`to_rgb_on_white` and :func:`unit_grey`), then resized and centre-cropped
+    to a square. Raises :class:`ImageTooLargeError` for images over Pillow's pixel limit.
+    """
+    with _open_image(path) as image:
+        image = ImageOps.exif_transpose(image)
+        # Deep grey images are resized as floats (mode "F"), so they keep their precision.
+        deep = image.mode in DEEP_GREY_MODES
+        image = unit_grey(image, source=path) if deep else to_rgb_on_white(image)
         image = ImageOps.fit(image, (image_size, image_size), Image.BICUBIC)
-    return pil_to_tensor(image)
+    return _grey_to_tensor(image) if deep else _rgb_to_tensor(image)
+
+
+def _decode_caption(raw: bytes) -> tuple[str, bool]:
+    """Caption bytes as text, and whether they were Unicode (UTF-8 or UTF-16 with a BOM).
+
+    Text that is not valid UTF-8 is most likely from an older Windows or Western-European
+    editor: Windows-1252 (Latin-1 plus curly quotes and the like), or Latin-1, which can
+    decode any bytes at all.
+    """
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # Notepad's "Unicode"
+        return raw.decode("utf-16"), True
+    try:
+        return raw.decode("utf-8-sig"), True  # utf-8-sig also drops a leading BOM
+    except UnicodeDecodeError:
+        pass
+    try:
+        return raw.decode("cp1252"), False
+    except UnicodeDecodeError:  # cp1252 leaves five byte values undefined
+        return raw.decode("latin-1"), False
+
+
+# Why a file can be left out of an ImageFolderDataset, in the order the warning lists them.
+SKIP_REASONS = (
+    "unreadable image",
+    "missing caption",
+    "not an image",
+    "image too large",
+    "unreadable caption",
+    "unreadable folder",
+    "hidden",
+)
 
 
 class ImageFolderDataset(Dataset):
     """Images in ``root`` (searched recursively) captioned by same-named ``.txt`` files.
 
-    ``cat.jpg`` is captioned by ``cat.txt`` (first non-empty line). Images that cannot be
-    read, images without a caption and files that are not images are skipped when the
-    folder is scanned; they are counted in :attr:`skipped` and named in one warning, so a
-    bad file never stops an epoch half-way. A folder with no usable pair is an error.
+    ``cat.jpg`` is captioned by ``cat.txt`` (first non-empty line, UTF-8; other bytes are
+    read as Windows-1252 with a warning). Whatever cannot be used is skipped when the folder
+    is scanned: unreadable or too large images (with ``check_images=True``), images
+    without a caption or whose caption cannot be read, files that are not images, folders
+    that cannot be listed, and hidden files and folders (names starting with ".", such as
+    ``.ipynb_checkpoints``). They are kept in :attr:`skipped`, counted in
+    :attr:`skip_counts` and named in one warning, so a bad file never stops an epoch
+    half-way. A folder with no usable pair is an error.
+
+    Indexing works like a list's: ``dataset[-1]`` is the last item, and an index out of
+    range raises IndexError (which is also how ``for image, caption in dataset`` ends).
     """
 
     def __init__(self, root: str | Path, image_size: int = 64, check_images: bool = True):
@@ -432,21 +596,11 @@ class ImageFolderDataset(Dataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist or is not a folder")
         self.image_size = image_size
-        self.skipped: dict[str, list[Path]] = {"unreadable image": [], "missing caption": [], "not an image": []}
+        self.skipped: dict[str, list[Path]] = {reason: [] for reason in SKIP_REASONS}
+        self.not_utf8: list[Path] = []  # caption files read as Windows-1252 / Latin-1
         self.items: list[tuple[Path, str]] = []
-        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
-            if path.suffix.lower() == ".txt" or path.name.startswith("."):
-                continue
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                self.skipped["not an image"].append(path)
-                continue
-            caption = self._read_caption(path.with_suffix(".txt"))
-            if caption is None:
-                self.skipped["missing caption"].append(path)
-            elif check_images and not self._readable(path):
-                self.skipped["unreadable image"].append(path)
-            else:
-                self.items.append((path, caption))
+        for path in self._list_files():
+            self._add(path, check_images)
         self._warn_skipped()
         if not self.items:
             raise ValueError(
@@ -456,45 +610,111 @@ class ImageFolderDataset(Dataset):
 
     @property
     def skip_counts(self) -> dict[str, int]:
-        return {reason: len(paths) for reason, paths in self.skipped.items()}
+        """How many entries were skipped, for each reason that occurred (see SKIP_REASONS)."""
+        # Reasons with nothing skipped are left out, so the summary stays short.
+        return {reason: len(paths) for reason, paths in self.skipped.items() if paths}
 
-    @staticmethod
-    def _read_caption(path: Path) -> str | None:
-        if not path.is_file():
+    def _list_files(self) -> list[Path]:
+        """Every file under root that is not hidden, sorted; notes hidden and unreadable entries."""
+
+        def unreadable(error: OSError) -> None:
+            # os.walk calls this for a folder it cannot list, then carries on with the rest.
+            self.skipped["unreadable folder"].append(Path(error.filename))
+
+        files = []
+        for folder, subfolders, names in os.walk(self.root, onerror=unreadable):
+            folder = Path(folder)
+            hidden = sorted(name for name in subfolders + names if name.startswith("."))
+            self.skipped["hidden"] += [folder / name for name in hidden]
+            subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # os.walk skips removed ones
+            files += [folder / name for name in names if not name.startswith(".")]
+        return sorted(files)
+
+    def _add(self, path: Path, check_images: bool) -> None:
+        """Add ``path`` and its caption to :attr:`items`, or note in :attr:`skipped` why not."""
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            return  # captions are read next to their images
+        if suffix not in IMAGE_EXTENSIONS:
+            self.skipped["not an image"].append(path)
+            return
+        caption_path = path.with_suffix(".txt")
+        try:
+            caption = self._read_caption(caption_path)
+        except OSError:  # no permission, a folder named cat.txt, a disk error...
+            self.skipped["unreadable caption"].append(caption_path)
+            return
+        if caption is None:
+            self.skipped["missing caption"].append(path)
+            return
+        problem = self._image_problem(path) if check_images else None
+        if problem is not None:
+            self.skipped[problem].append(path)
+        else:
+            self.items.append((path, caption))
+
+    def _read_caption(self, path: Path) -> str | None:
+        """The first non-empty line of a caption file; None if there is none. OSError if unreadable."""
+        if not path.exists():
             return None
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        text, unicode = _decode_caption(path.read_bytes())
+        if not unicode:
+            self.not_utf8.append(path)
+        lines = [line.strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         return lines[0] if lines else None
 
-    @staticmethod
-    def _readable(path: Path) -> bool:
+    def _image_problem(self, path: Path) -> str | None:
+        """Why ``path`` cannot be used (a key of :attr:`skipped`), or None if it loads."""
         try:
-            with Image.open(path) as image:
-                image.load()  # decode fully: verify() alone misses truncated pixel data
-            return True
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
-            return False
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warnings about the pixels come again when the item loads
+                # The same function as __getitem__, so what passes here also loads there.
+                load_image(path, self.image_size)
+        except ImageTooLargeError:
+            return "image too large"
+        except (OSError, ValueError):  # includes UnidentifiedImageError and truncated files
+            return "unreadable image"
+        return None
+
+    def _names(self, paths: list[Path]) -> str:
+        """The first few paths, relative to root, for a warning."""
+        shown = [str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p) for p in paths[:5]]
+        return ", ".join(shown) + (", ..." if len(paths) > 5 else "")
 
     def _warn_skipped(self) -> None:
-        lines = [
-            f"  {reason}: {len(paths)} ({', '.join(p.name for p in paths[:5])}{', ...' if len(paths) > 5 else ''})"
-            for reason, paths in self.skipped.items()
-            if paths
-        ]
+        lines = [f"  {reason}: {len(paths)} ({self._names(paths)})" for reason, paths in self.skipped.items() if paths]
         if lines:
             warnings.warn(f"ImageFolderDataset({self.root}) skipped some files:\n" + "\n".join(lines), stacklevel=3)
+        if self.not_utf8:
+            warnings.warn(
+                f"ImageFolderDataset({self.root}): {len(self.not_utf8)} caption file(s) are not UTF-8 "
+                f"and were read as Windows-1252 / Latin-1: {self._names(self.not_utf8)}. "
+                "Save them as UTF-8 if any accented letters look wrong.",
+                stacklevel=3,
+            )
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def _position(self, index: int) -> int:
+        """``index`` as a position in :attr:`items`, counting from the end if negative, like a list."""
+        index = operator.index(index)  # ints and integer tensors / numpy ints; not floats or slices
+        if not -len(self.items) <= index < len(self.items):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self.items)} items")
+        return index % len(self.items)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        # A file can break after the scan (or check_images=False): count it, warn, and hand
-        # back the next readable item instead of crashing the epoch.
+        start = self._position(index)
+        # A file can break after the scan (or was never checked, with check_images=False):
+        # count it, warn, and hand back the next readable item instead of ending the epoch.
         for attempt in range(len(self.items)):
-            path, caption = self.items[(index + attempt) % len(self.items)]
+            path, caption = self.items[(start + attempt) % len(self.items)]
             try:
                 return load_image(path, self.image_size), caption
-            except (OSError, UnidentifiedImageError, ValueError) as error:
+            except ImageTooLargeError:
+                raise  # not broken: only the user can decide (shrink it, or raise the limit)
+            except (OSError, ValueError) as error:
                 if path not in self.skipped["unreadable image"]:
                     self.skipped["unreadable image"].append(path)
                 warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=2)

@@ -16,7 +16,7 @@ groups of residual blocks, a 7x7 input convolution, max-pool between encoder gro
 nearest-neighbour up-sampling between decoder groups, 1x1 convolutions at the bottleneck,
 and every residual branch scaled by ``1 / n_layers**2``. The module names follow the
 released ones (``blocks.group_1.block_1.res_path.conv_1``...) so that
-:func:`load_openai_dvae` can read OpenAI's weights directly.
+:func:`dalle_lesson.openai_dvae.load_openai_dvae` can read OpenAI's weights directly.
 
 Presets: :meth:`DVAEConfig.lesson` (32x32 shapes -> 8x8 codes from 512, trains on a CPU) and
 :meth:`DVAEConfig.paper` (256x256 -> 32x32 codes from 8192).
@@ -24,18 +24,16 @@ Presets: :meth:`DVAEConfig.lesson` (32x32 shapes -> 8x8 codes from 512, trains o
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dalle_lesson import checkpoint
 
 LOGIT_LAPLACE_EPS = 0.1  # the paper's epsilon: pixels live in [eps, 1 - eps]
 
@@ -267,6 +265,8 @@ class DVAEOutput:
 class DiscreteVAE(nn.Module):
     """DALL·E's discrete VAE. ``encode`` gives token grids, ``decode`` gives images back."""
 
+    kind, config_class = "dvae", DVAEConfig  # how its checkpoints are named and rebuilt
+
     def __init__(self, config: DVAEConfig | None = None):
         super().__init__()
         self.config = config or DVAEConfig.lesson()
@@ -368,367 +368,80 @@ def codebook_usage(codes: torch.Tensor, vocab_size: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------
-# Saving and loading (safetensors: no code ever runs when loading)
+# The training objective over time: temperature and KL-weight schedules
 # --------------------------------------------------------------------------------------
-
-CHECKPOINT_FORMAT = "dalle_lesson.dvae/1"
-
-
-def save_dvae(model: DiscreteVAE, path: str | Path, half: bool = True, extra: dict | None = None) -> Path:
-    """Write the weights (fp16 by default) and the config atomically: a temp file, then os.replace."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {name: (t.half() if half and t.is_floating_point() else t).contiguous().cpu() for name, t in model.state_dict().items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "config": json.dumps(asdict(model.config))}
-    metadata.update({key: json.dumps(value) for key, value in (extra or {}).items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
-
-
-def read_checkpoint_metadata(path: str | Path) -> dict:
-    """The metadata of a dVAE checkpoint, JSON values decoded (config, step, train_seconds, ...)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    return {key: (json.loads(value) if key != "format" else value) for key, value in raw.items()}
-
-
-def load_dvae(path: str | Path | None = None, device: str | torch.device = "cpu") -> DiscreteVAE:
-    """Load a dVAE saved by :func:`save_dvae`; ``None`` loads the shipped lesson dVAE.
-
-    Weights are stored in fp16 and come back as fp32. The model is returned in eval mode.
-    """
-    from safetensors.torch import load_file
-
-    if path is None:
-        from dalle_lesson.data import shipped_path
-
-        path = shipped_path("dvae_lesson.safetensors")
-    metadata = read_checkpoint_metadata(path)
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a dalle_lesson dVAE checkpoint (metadata format {metadata.get('format')!r})")
-    model = DiscreteVAE(DVAEConfig(**metadata["config"]))
-    state = {name: t.float() for name, t in load_file(str(path)).items()}
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
-# --------------------------------------------------------------------------------------
-# OpenAI's released weights (the ``dall_e`` package), read without running its code
-# --------------------------------------------------------------------------------------
-
-# Every global a pickled ``dall_e`` Encoder or Decoder may name. Each is replaced by an inert
-# stand-in class that only stores the pickled attributes, so nothing from the file runs:
-# torch.load(weights_only=True) refuses any other global (os.system, eval, ...).
-_DALL_E_CLASSES = (
-    "dall_e.encoder.Encoder", "dall_e.encoder.EncoderBlock",
-    "dall_e.decoder.Decoder", "dall_e.decoder.DecoderBlock", "dall_e.utils.Conv2d",
-    "torch.nn.modules.container.Sequential", "torch.nn.modules.activation.ReLU",
-    "torch.nn.modules.pooling.MaxPool2d", "torch.nn.modules.linear.Identity",
-    "torch.nn.modules.upsampling.Upsample",
-)
-
-
-class _PickledModule:
-    """Inert stand-in for a pickled ``nn.Module``: it only keeps the pickled ``__dict__``."""
-
-
-def _stand_ins() -> list[tuple[type, str]]:
-    return [(type(name.rsplit(".", 1)[1], (_PickledModule,), {"pickled_name": name}), name) for name in _DALL_E_CLASSES]
-
-
-def _parameters_of(module: _PickledModule, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Walk a stand-in module tree and collect its parameters under their dotted names."""
-    found = {}
-    for name, tensor in (module.__dict__.get("_parameters") or {}).items():
-        if tensor is not None:
-            found[prefix + name] = tensor
-    for name, tensor in (module.__dict__.get("_buffers") or {}).items():
-        if tensor is not None:
-            found[prefix + name] = tensor
-    for name, child in (module.__dict__.get("_modules") or {}).items():
-        if child is not None:
-            found.update(_parameters_of(child, f"{prefix}{name}."))
-    return found
-
-
-def read_dall_e_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``dall_e`` state dict in ``path``: a saved state dict, or a whole pickled module.
-
-    Uses ``torch.load(weights_only=True)``: a file that names any global outside the
-    ``dall_e`` encoder/decoder classes (for example one that would call ``os.system``) is
-    refused before anything from it runs.
-    """
-    import pickle
-
-    with torch.serialization.safe_globals(_stand_ins()):
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            raise ValueError(
-                f"refusing to load {path}: it is not a plain dall_e encoder/decoder file (state dict or "
-                f"pickled module). Nothing from it was run. The unpickler said: {error}"
-            ) from None
-    if isinstance(loaded, _PickledModule):
-        loaded = _parameters_of(loaded)
-    if not isinstance(loaded, dict) or not all(torch.is_tensor(t) for t in loaded.values()):
-        raise ValueError(f"{path} holds a {type(loaded).__name__}, not a dall_e state dict or module")
-    return {name: tensor.detach().float() for name, tensor in loaded.items()}
-
-
-def _count(state: dict, pattern: str) -> int:
-    """How many of ``pattern.format(1), pattern.format(2), ...`` prefix some key of ``state``."""
-    n = 0
-    while any(key.startswith(pattern.format(n + 1)) for key in state):
-        n += 1
-    return n
-
-
-def load_openai_dvae(encoder_path: str | Path, decoder_path: str | Path, image_size: int = 256) -> DiscreteVAE:
-    """A :class:`DiscreteVAE` with the weights of OpenAI's released ``dall_e`` Encoder and Decoder.
-
-    Each path may hold a state dict (``torch.save(encoder.state_dict())``) or the original
-    pickled module (``encoder.pkl``, ``torch.save(encoder)``). The sizes (width, vocabulary,
-    groups, blocks) are read from the tensor shapes; the ``dall_e`` package is not needed
-    and no code from the files is executed. ``model.logits(x)`` equals
-    ``dall_e_encoder(map_pixels(x))`` and ``model.decode(z)`` equals
-    ``unmap_pixels(sigmoid(dall_e_decoder(one_hot(z))[:, :3]))``.
-    """
-    encoder, decoder = read_dall_e_weights(encoder_path), read_dall_e_weights(decoder_path)
-    for name, state, key in (("encoder", encoder, "blocks.input.w"), ("decoder", decoder, "blocks.output.conv.w")):
-        if key not in state:
-            raise ValueError(f"the {name} file has no {key!r}: is it a dall_e {name}? keys: {sorted(state)[:5]}...")
-    n_hid, channels = encoder["blocks.input.w"].shape[:2]
-    config = DVAEConfig(
-        image_size=image_size, channels=channels, vocab_size=encoder["blocks.output.conv.w"].shape[0], n_hid=n_hid,
-        n_init=decoder["blocks.input.w"].shape[0], group_count=_count(encoder, "blocks.group_{}."),
-        n_blk_per_group=_count(encoder, "blocks.group_1.block_{}."), likelihood="logit_laplace",
-    )
-    if decoder["blocks.output.conv.w"].shape[:2] != (2 * channels, n_hid) or decoder["blocks.input.w"].shape[1] != config.vocab_size:
-        raise ValueError("the encoder and decoder files do not belong together (widths or vocabulary differ)")
-    rename = {"w": "weight", "b": "bias"}
-    state = {}
-    for part, weights in (("encoder", encoder), ("decoder", decoder)):
-        for name, tensor in weights.items():
-            stem, _, leaf = name.rpartition(".")
-            state[f"{part}.{stem}.{rename.get(leaf, leaf)}"] = tensor
-    model = DiscreteVAE(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"these files do not match the dall_e layout: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------
-
-
-def preload_images(dataset, count: int, image_size: int | None = None) -> torch.Tensor:
-    """The first ``count`` images of a dataset as one uint8 tensor ``[count, C, S, S]`` (fast batches)."""
-    from tqdm.auto import tqdm
-
-    count = min(count, len(dataset))
-    first = dataset[0][0]
-    if image_size is not None and first.shape[-1] != image_size:
-        raise ValueError(f"the dataset gives {first.shape[-1]}x{first.shape[-1]} images, the model expects {image_size}")
-    out = torch.empty((count, *first.shape), dtype=torch.uint8)
-    for i in tqdm(range(count), desc="rendering images", leave=False, mininterval=1.0):
-        out[i] = (dataset[i][0] * 255).round().to(torch.uint8)
-    return out
 
 
 @dataclass
-class TrainSettings:
-    """The dVAE training recipe. Defaults are the shipped lesson checkpoint's."""
+class DVAESchedule:
+    """How tau and beta move during training (the paper: tau 1 -> 1/16, beta 0 -> 6.6, cosine).
 
-    steps: int = 3600
-    batch_size: int = 32
-    lr: float = 2e-3
-    lr_end: float = 2e-5  # cosine decay of the learning rate
-    warmup_steps: int = 100
-    weight_decay: float = 1e-4
+    ``tau_steps`` / ``beta_steps``: how long each anneals (None: two thirds and one seventh
+    of the run). After ``hard_from`` (a fraction of the run) the codes are straight-through
+    one-hot. The defaults are the shipped lesson checkpoint's.
+    """
+
     tau_start: float = 1.0
     tau_end: float = 1 / 16
-    tau_steps: int | None = None  # anneal tau over this many steps; None: the first two thirds of training
+    tau_steps: int | None = None
     beta_max: float = 0.01  # the paper's 6.6 is for the logit-Laplace likelihood; squared errors are ~100x smaller
-    beta_steps: int | None = None  # raise beta over this many steps; None: the first seventh of training
-    hard_from: float = 1.0  # switch to straight-through one-hot codes after this fraction of steps
-    grad_clip: float = 1.0
-    seed: int = 0
+    beta_steps: int | None = None
+    hard_from: float = 1.0
+
+    def at(self, step: int, total_steps: int) -> tuple[float, float, bool]:
+        """(tau, beta, hard) at ``step`` of a run of ``total_steps``.
+
+        >>> DVAESchedule(beta_max=1.0, beta_steps=10).at(10, 100)[1]
+        1.0
+        """
+        tau = cosine_schedule(step, self.tau_steps or max(1, 2 * total_steps // 3), self.tau_start, self.tau_end)
+        beta = cosine_schedule(step, self.beta_steps or max(1, total_steps // 7), 0.0, self.beta_max)
+        return tau, beta, step >= self.hard_from * total_steps
 
 
-def train_dvae(
-    model: DiscreteVAE,
-    images: torch.Tensor,
-    settings: TrainSettings | None = None,
-    checkpoint: str | Path | None = None,
-    save_every: int = 500,
-    log_path: str | Path | None = None,
-    progress: bool = True,
-    previous_seconds: float = 0.0,
-    previous_steps: int = 0,
-    eval_images: torch.Tensor | None = None,
-) -> list[dict]:
-    """Train ``model`` on ``images`` (uint8 ``[N, C, S, S]``); return the per-step log.
+def training_loss(model: DiscreteVAE, images: torch.Tensor, step: int, total_steps: int,
+                  schedule: DVAESchedule) -> dict[str, torch.Tensor]:
+    """One training loss at ``step``: the ELBO at that step's tau and beta, and its terms.
 
-    If the loss becomes NaN or infinite, training stops at once and the checkpoint on disk
-    (the last good one) is left untouched. With ``eval_images``, every ``save_every`` steps
-    the log also records hard-code PSNR and codebook use on them.
+    ``images`` may be uint8 (0..255, as preloaded for speed) or float in [0, 1].
     """
-    from tqdm.auto import tqdm
-
-    s = settings or TrainSettings()
-    torch.manual_seed(s.seed)
-    generator = torch.Generator().manual_seed(s.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    tau_steps = s.tau_steps or max(1, 2 * s.steps // 3)
-    beta_steps = s.beta_steps or max(1, s.steps // 7)
-    history: list[dict] = []
-    log_file = open(log_path, "a") if log_path else None
-    start = time.perf_counter()
-    model.train()
-    bar = tqdm(range(s.steps), desc="dVAE", disable=not progress, mininterval=2.0)
-    try:
-        for step in bar:
-            lr = s.lr * min(1.0, (step + 1) / max(s.warmup_steps, 1))
-            lr = min(lr, cosine_schedule(step, s.steps, s.lr, s.lr_end)) if step >= s.warmup_steps else lr
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            tau = cosine_schedule(step, tau_steps, s.tau_start, s.tau_end)
-            beta = cosine_schedule(step, beta_steps, 0.0, s.beta_max)
-            hard = step >= s.hard_from * s.steps
-            batch = images[torch.randint(len(images), (s.batch_size,), generator=generator)].float() / 255
-            out = model(batch, tau=tau, beta=beta, hard=hard)
-            if not torch.isfinite(out.loss):
-                message = f"loss became {out.loss.item()} at step {step}; stopping."
-                if checkpoint:
-                    message += f" The last good checkpoint is still at {checkpoint}."
-                print(message)
-                break
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            optimizer.step()
-            record = {
-                "step": step + 1, "loss": out.loss.item(), "reconstruction": out.reconstruction_loss.item(),
-                "kl": out.kl.item(), "tau": tau, "beta": beta, "lr": lr,
-                "seconds": previous_seconds + time.perf_counter() - start,
-            }
-            if eval_images is not None and ((step + 1) % save_every == 0 or step + 1 == s.steps):
-                record.update({f"eval_{k}": v for k, v in evaluate_dvae(model, eval_images).items()})
-                model.train()
-                if progress:
-                    bar.write(f"step {step + 1}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval_")))
-            history.append(record)
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.3f}", tau=f"{tau:.3f}", refresh=False)
-            if checkpoint and ((step + 1) % save_every == 0 or step + 1 == s.steps):
-                save_dvae(model, checkpoint, extra={
-                    "step": previous_steps + step + 1, "train_seconds": record["seconds"], "settings": asdict(s),
-                })
-                if log_file:
-                    log_file.flush()
-    finally:
-        if log_file:
-            log_file.close()
-        model.eval()
-    return history
+    images = images.float() / 255 if images.dtype == torch.uint8 else images
+    tau, beta, hard = schedule.at(step, total_steps)
+    out = model(images, tau=tau, beta=beta, hard=hard)
+    return {"loss": out.loss, "reconstruction": out.reconstruction_loss, "kl": out.kl,
+            "tau": torch.tensor(tau), "beta": torch.tensor(beta)}
 
 
 @torch.no_grad()
 def evaluate_dvae(model: DiscreteVAE, images: torch.Tensor, batch_size: int = 256) -> dict[str, float]:
-    """PSNR of hard-code reconstructions, codebook use and perplexity on float images in [0, 1]."""
+    """PSNR of hard-code reconstructions, codebook use and perplexity (uint8 or [0, 1] images)."""
+    was_training = model.training
     model.eval()
     scores, all_codes = [], []
+    device = next(model.parameters()).device
     for i in range(0, len(images), batch_size):
-        batch = images[i : i + batch_size].float()
+        batch = images[i : i + batch_size].to(device).float()
         batch = batch / 255 if images.dtype == torch.uint8 else batch
         codes = model.encode(batch)
         scores.append(psnr(model.decode(codes), batch))
         all_codes.append(codes)
+    model.train(was_training)
     usage = codebook_usage(torch.cat(all_codes), model.config.vocab_size)
     return {"psnr_db": float(torch.cat(scores).mean()), **usage}
 
 
 # --------------------------------------------------------------------------------------
-# Command line: dalle-lesson train dvae --preset lesson ...
+# Saving and loading (dalle_lesson.checkpoint: safetensors, no code runs when loading)
 # --------------------------------------------------------------------------------------
 
 
-def _train_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.cli import make_dataset
-
-    torch.set_num_threads(args.threads)
-    config = PRESETS[args.preset]()
-    if args.likelihood:
-        config.likelihood = args.likelihood
-    if args.image_size:
-        config.image_size = args.image_size
-    if args.vocab_size:
-        config.vocab_size = args.vocab_size
-    if args.n_hid:
-        config.n_hid = args.n_hid
-    config.__post_init__()
-    settings = TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, beta_max=args.beta, beta_steps=args.beta_steps or None,
-        tau_end=args.tau_end, tau_steps=args.tau_steps or None, hard_from=args.hard_from, seed=args.seed,
-    )
-    dataset = make_dataset(args.dataset, config.image_size, "train", args.folder, length=args.train_images)
-    images = preload_images(dataset, args.train_images, config.image_size)
-    model, previous_seconds, previous_steps = DiscreteVAE(config), 0.0, 0
-    if args.init_from:  # continue from a checkpoint (its config wins over the preset)
-        model = load_dvae(args.init_from)
-        config = model.config
-        metadata = read_checkpoint_metadata(args.init_from)
-        previous_seconds, previous_steps = metadata.get("train_seconds", 0.0), metadata.get("step", 0)
-        print(f"starting from {args.init_from} ({previous_steps} steps, {previous_seconds / 60:.1f} min so far)")
-    print(f"dVAE preset {args.preset}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-          f"{config.image_size}x{config.image_size} -> {config.grid_size}x{config.grid_size} codes of {config.vocab_size}; "
-          f"{len(images)} training images")
-    held_out = None
-    if args.dataset == "shapes":
-        held_out = preload_images(make_dataset("shapes", config.image_size, "heldout", length=500), 500)
-    train_dvae(model, images, settings, checkpoint=args.out, save_every=args.save_every, log_path=args.log,
-               eval_images=held_out, previous_seconds=previous_seconds, previous_steps=previous_steps)
-    if held_out is not None:
-        print("held-out shapes, saved checkpoint:", evaluate_dvae(load_dvae(args.out), held_out))
+def save_dvae(model: DiscreteVAE, path: str | Path, dtype: torch.dtype = torch.float16, **metadata) -> Path:
+    """Write the weights (fp16 by default: half the size, PSNR unchanged) and the config."""
+    return checkpoint.save(model, path, dtype=dtype, **metadata)
 
 
-def add_train_command(subparsers) -> None:
-    """Add ``train dvae`` to the ``dalle-lesson`` command."""
-    from dalle_lesson.cli import add_dataset_arguments
+def load_dvae(path: str | Path | None = None, device: str | torch.device = "cpu") -> DiscreteVAE:
+    """Load a dVAE checkpoint (``None``: the shipped lesson dVAE) in fp32 and eval mode."""
+    from dalle_lesson.data import shipped_path
 
-    parser = subparsers.add_parser("dvae", help="train the discrete VAE (images -> grids of tokens)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="lesson")
-    add_dataset_arguments(parser, image_size=0)
-    parser.add_argument("--vocab-size", type=int, default=0, help="override the preset's codebook size")
-    parser.add_argument("--n-hid", type=int, default=0, help="override the preset's width")
-    parser.add_argument("--likelihood", choices=["logit_laplace", "mse"], default=None,
-                        help="override the preset's likelihood (lesson: mse, paper: logit_laplace)")
-    defaults = TrainSettings()
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--beta", type=float, default=defaults.beta_max, help="final KL weight")
-    parser.add_argument("--beta-steps", type=int, default=0,
-                        help="raise the KL weight over this many steps (default: a seventh of --steps)")
-    parser.add_argument("--tau-end", type=float, default=defaults.tau_end)
-    parser.add_argument("--tau-steps", type=int, default=0,
-                        help="anneal the temperature over this many steps (default: two thirds of --steps)")
-    parser.add_argument("--hard-from", type=float, default=defaults.hard_from,
-                        help="fraction of training after which codes are straight-through one-hot")
-    parser.add_argument("--train-images", type=int, default=20_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--out", default="dvae.safetensors")
-    parser.add_argument("--init-from", default=None, help="continue training the dVAE in this checkpoint")
-    parser.add_argument("--log", default=None, help="append one JSON line per step here")
-    parser.set_defaults(run=_train_command)
+    return checkpoint.load(path or shipped_path("dvae_lesson.safetensors"), DiscreteVAE, device)

@@ -32,7 +32,6 @@ step for the whole batch, in the same order with and without the cache.
 
 from __future__ import annotations
 
-import argparse
 import math
 from typing import Callable
 
@@ -305,44 +304,3 @@ def generate(
     finally:
         model.train(was_training)
     return codes.view(batch_size, c.image_size, c.image_size)
-
-
-# --------------------------------------------------------------------------------------
-# dalle-lesson generate "a caption" --out grid.png
-# --------------------------------------------------------------------------------------
-
-
-def _generate_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.pipeline import Pipeline
-
-    try:
-        pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
-        result = pipeline(
-            args.caption, num_images=args.num_images, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, guidance_scale=args.guidance, seed=args.seed, progress=True,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"dalle-lesson generate: {error}") from None
-    result.save_grid(args.out)
-    print(f"wrote {args.num_images} images for {args.caption!r} to {args.out}")
-
-
-def add_generate_command(subparsers) -> None:
-    """``dalle-lesson generate "a caption" --num-images N --out grid.png``: the whole pipeline."""
-    parser = subparsers.add_parser(
-        "generate", help="caption -> BPE -> transformer sampling -> dVAE decode -> an image grid",
-        description="Draw images for a caption with the shipped checkpoints (or your own) and save a captioned grid.",
-    )
-    parser.add_argument("caption", help='the caption, e.g. "a small red circle above a big blue square"')
-    parser.add_argument("--num-images", type=int, default=8, help="how many images to draw (default 8)")
-    parser.add_argument("--out", default="grid.png", help="where to save the grid (PNG)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; 1 = the model's distribution")
-    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes each step")
-    parser.add_argument("--top-p", type=float, default=None, help="keep the most likely codes holding this mass")
-    parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (e.g. 3); default: none")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped tiny model)")
-    parser.add_argument("--dvae", default=None, help="a dVAE checkpoint (default: the shipped lesson dVAE)")
-    parser.add_argument("--tokenizer", default=None, help="a BPE merges file (default: the course tokenizer)")
-    parser.set_defaults(run=_generate_command)

@@ -1,394 +1,393 @@
-"""Training DALL·E's transformer (stage two): captions + dVAE codes -> next-token loss.
+"""The training engine: one loop behind every stage of the course.
 
-Stage one (the dVAE) is frozen, so each image is turned into its grid of codes **once**
-(:func:`cached_codes`, stored on disk) and training only reads integers. Then
-:func:`train_dalle` runs the paper's optimiser recipe:
+A *stage* says what is special about one model (:class:`Stage`): the model, a loss
+function, how to make a batch from example indices, and optionally a validation. A
+*recipe* (:class:`Recipe`) holds the optimiser settings and the loop's numbers. The
+engine, :func:`fit`, does everything else, the same way for the VAE of lesson 01 and for
+the 12-billion-parameter transformer::
 
-* AdamW with betas (0.9, 0.96) and weight decay 4.5e-2, applied to the weight matrices
-  of the linear layers (attention, MLP, head) only. Biases, LayerNorm gains and the
-  embedding tables are not decayed: pulling a bias or a norm gain towards 0 changes
-  what the layer computes rather than regularising it, and an embedding row gets a
-  gradient only when its token occurs, so decay would shrink rare tokens' rows on
-  every step they are absent. (The paper does not list its exclusions; this is the
-  common GPT choice.)
-* linear warm-up of the learning rate, then cosine decay to a tenth of it;
-* gradient-norm clipping at 4;
-* mixed precision by ``autocast`` when asked (bf16, or fp16 with a gradient scaler);
-  the model keeps embeddings and logits in fp32 itself.
+    stage = stages.dvae_stage(model, images)        # what to train
+    log = fit(stage, Recipe(steps=3600, lr=2e-3), out="dvae.safetensors")
 
-Checkpoints are written atomically (a temporary file, then ``os.replace``); a loss that
-is not finite stops training before anything is saved, so the last good checkpoint stays.
-The same code runs on CPU, one GPU, or many under ``torchrun`` (DistributedDataParallel:
-each process draws its own batches; only rank 0 writes files).
+What one step does, in order:
 
-Command line (see ``data/README.md`` for the exact recipe of the shipped checkpoint)::
+1. draw the step's batch: ``batch_size`` example indices from a generator seeded by
+   ``(seed, step)``; each process keeps its share, split again into ``grad_accum``
+   micro-batches;
+2. set the learning rate (linear warm-up, then cosine decay to ``final_lr_fraction``);
+3. seed torch's RNG from ``(seed, step, rank)``, so noise in the loss (Gumbel samples,
+   dropout) is a function of the step too: resuming needs only the step number;
+4. forward + backward for each micro-batch (bf16 autocast on CUDA, fp32 on CPU);
+5. clip the gradient norm; if the loss or the norm is not finite, stop *before* the
+   update, so the weights on disk stay the last good ones;
+6. AdamW step; every ``save_every`` steps a checkpoint (:mod:`dalle_lesson.checkpoint`)
+   and the resume state beside it.
 
-    dalle-lesson train dalle --preset tiny --steps 3000 --out dalle_tiny.safetensors
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (Gloo on CPU, NCCL on
+CUDA), which averages gradients across processes; only rank 0 writes files. Because
+each process takes its share of the *same* global batch, two processes give the same
+weights as one process with the same ``batch_size`` (for a loss without random noise).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import hashlib
 import math
 import os
+import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-import torch.nn as nn
+import torch.distributed as dist
+from torch import nn
 from tqdm.auto import tqdm
 
-from dalle_lesson.dalle import DALLE, DALLEConfig, save_dalle
-
-PRESETS = {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}
+from dalle_lesson import checkpoint
 
 
-# --------------------------------------------------------------------------------------
-# Images -> codes, once, cached on disk
-# --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def encode_dataset(dvae, dataset, batch_size: int = 256, device="cpu", progress: bool = True):
-    """Run the dVAE encoder over a whole dataset: (codes ShortTensor[N, h, w], captions list)."""
-    codes, captions = [], []
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="images -> codes", disable=not progress):
-        items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        images = torch.stack([image for image, _ in items]).to(device)
-        codes.append(dvae.encode(images).to("cpu", torch.int16))  # 512 or 8192 codes fit in int16
-        captions += [caption for _, caption in items]
-    return torch.cat(codes), captions
-
-
-def _file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DALLE_LESSON_CACHE", Path.home() / ".cache" / "dalle_lesson"))
-
-
-def cached_codes(dataset, name: str, dvae_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                 device="cpu", progress: bool = True):
-    """The codes and captions of ``dataset``, encoded with the dVAE once and then read from disk.
-
-    ``name`` identifies the dataset (e.g. ``"shapes-train-20000-32"``); the cache file name
-    also carries a digest of the dVAE file, so a new dVAE never reuses stale codes.
-    Returns ``(codes ShortTensor[N, h, w], captions list[str])``.
-    """
-    from dalle_lesson.data import shipped_path
-    from dalle_lesson.dvae import load_dvae
-
-    dvae_file = Path(dvae_path) if dvae_path is not None else shipped_path("dvae_lesson.safetensors")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f"codes-{name}-dvae{_file_digest(dvae_file)}.pt"
-    if path.is_file():
-        saved = torch.load(path, weights_only=True)  # tensors and strings only: no code runs
-        return saved["codes"], saved["captions"]
-    dvae = load_dvae(dvae_file, device=device)
-    codes, captions = encode_dataset(dvae, dataset, device=device, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"codes": codes, "captions": captions}, tmp)
-    os.replace(tmp, path)
-    return codes, captions
-
-
-def shapes_codes(split: str, length: int, image_size: int = 32, dvae_path=None, cache_dir=None, progress=True):
-    """Codes + captions of ``ShapesDataset(length, image_size, split)`` (cached)."""
-    from dalle_lesson.data import ShapesDataset
-
-    dataset = ShapesDataset(length=length, image_size=image_size, split=split)
-    return cached_codes(dataset, f"shapes-{split}-{length}-{image_size}", dvae_path, cache_dir, progress=progress)
+class TrainingDiverged(FloatingPointError):
+    """The loss or the gradient norm stopped being finite; the message says what is on disk."""
 
 
 # --------------------------------------------------------------------------------------
-# The optimiser recipe
+# What to train (Stage) and how (Recipe)
 # --------------------------------------------------------------------------------------
 
 
 @dataclass
-class TrainSettings:
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 4.5e-4  # the paper's peak learning rate
-    warmup_steps: int = 200
-    final_lr_fraction: float = 0.1  # cosine decay ends at lr * this
-    weight_decay: float = 4.5e-2
+class Recipe:
+    """The optimiser recipe and the loop's numbers. Every stage has its own defaults."""
+
+    steps: int = 1000
+    batch_size: int = 32  # examples per step, over all processes and accumulation steps
+    lr: float = 1e-3  # peak learning rate, reached after the warm-up
+    warmup_steps: int = 0
+    final_lr_fraction: float = 0.1  # the cosine decay ends at lr * this
+    weight_decay: float = 0.0
     beta1: float = 0.9
-    beta2: float = 0.96
-    grad_clip: float = 4.0
-    caption_dropout: float = 0.0  # fraction of captions replaced by all-padding (for guidance)
-    amp: str = "none"  # "none", "bf16" or "fp16"
-    log_every: int = 10
-    eval_every: int = 250
-    save_every: int = 250
+    beta2: float = 0.999
+    grad_clip: float = 0.0  # clip the gradient norm to this; 0 = no clipping
+    grad_accum: int = 1  # split each step's batch into this many micro-batches (same result, less memory)
     seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # validate every this many steps; 0 = only at the end
+    save_every: int = 500
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+
+    def check(self) -> None:
+        """Refuse numbers that would make a run do nothing or fail later."""
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "warmup_steps", "weight_decay", "grad_clip", "eval_every"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if self.lr == 0:
+            raise ValueError("lr must be > 0")
+        if not 0 <= self.final_lr_fraction <= 1 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError("final-lr-fraction must lie in [0, 1] and the betas in [0, 1)")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in 0 .. 2**32 - 1, got {self.seed}")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay the linear layers' weight matrices, not biases, norms or embeddings."""
+@dataclass
+class Stage:
+    """What is special about training one model; the engine does the rest.
+
+    ``loss(model, batch, step)`` returns a dict of scalar tensors with a ``"loss"`` key
+    (the other entries are logged). ``batch(indices)`` turns a LongTensor of example
+    indices into one batch (tensors, or a tuple / dict of them, on the CPU; the engine
+    moves them to the device). ``validate(model)``, if given, returns a dict of floats.
+    """
+
+    model: nn.Module
+    loss: Callable[[nn.Module, Any, int], dict[str, torch.Tensor]]
+    batch: Callable[[torch.Tensor], Any]
+    num_examples: int
+    validate: Callable[[nn.Module], dict[str, float]] | None = None
+    save_dtype: torch.dtype = torch.float32  # how checkpoints store floating weights
+    decay_only_matrices: bool = False  # weight decay on nn.Linear weights only (the transformer's recipe)
+    metadata: dict = field(default_factory=dict)  # extra facts for the checkpoint header (data, ...)
+
+
+# --------------------------------------------------------------------------------------
+# The pieces of a step
+# --------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch and Python's ``random``. Call it *before* building a model: the initial
+    weights are drawn from these generators, so the same seed gives the same model."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def learning_rate(step: int, recipe: Recipe) -> float:
+    """Linear warm-up over ``warmup_steps``, then half a cosine down to ``lr * final_lr_fraction``.
+
+    >>> r = Recipe(steps=100, lr=1.0, warmup_steps=10, final_lr_fraction=0.1)
+    >>> learning_rate(0, r), learning_rate(9, r), round(learning_rate(99, r), 3)
+    (0.1, 1.0, 0.1)
+    """
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - 1 - recipe.warmup_steps)
+    low = recipe.lr * recipe.final_lr_fraction
+    return low + (recipe.lr - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_only_matrices: bool) -> list[dict]:
+    """AdamW groups. With ``decay_only_matrices``, decay nn.Linear weights but not biases,
+    norm gains or embeddings: pulling a norm gain towards 0 changes what a layer computes, and
+    an embedding row would shrink on every step its token is absent."""
+    if not decay_only_matrices:
+        return [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
-            if isinstance(module, nn.Linear) and name == "weight":
-                decay.append(parameter)
-            else:
-                no_decay.append(parameter)
+            is_matrix = isinstance(module, nn.Linear) and name == "weight"
+            (decay if is_matrix else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
-    return torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
-                             betas=(settings.beta1, settings.beta2))
+def step_indices(step: int, recipe: Recipe, num_examples: int) -> torch.Tensor:
+    """The example indices of one step's whole batch: a function of (seed, step) alone."""
+    generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+    return torch.randint(num_examples, (recipe.batch_size,), generator=generator)
 
 
-def learning_rate(step: int, settings: TrainSettings) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * final_lr_fraction``."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    low = settings.lr * settings.final_lr_fraction
-    return low + (settings.lr - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def to_device(batch, device: torch.device):
+    """Move a tensor, or a tuple / list / dict of them, to ``device``."""
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch
 
 
-def autocast_context(device: torch.device, amp: str):
-    if amp == "none":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def pick_device(device: str = "auto") -> torch.device:
+    """``"auto"``: the process's GPU under torchrun, else the first GPU, else the CPU."""
+    if device == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA GPU that PyTorch can use; use --device cpu")
+    return device
 
 
-@torch.no_grad()
-def evaluate(model: DALLE, text_ids: torch.Tensor, codes: torch.Tensor, batch_size: int = 128,
-             amp: str = "none") -> dict[str, float]:
-    """Mean loss, text loss and image loss (nats per token) over a whole set."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    totals = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
-    for start in range(0, len(codes), batch_size):
-        text = text_ids[start : start + batch_size].to(device)
-        image = codes[start : start + batch_size].to(device).long()
-        with autocast_context(device, amp):
-            losses = _unwrap(model).loss(text, image)
-        for key in totals:
-            totals[key] += losses[key].item() * len(image)
-    model.train(was_training)
-    return {key: value / len(codes) for key, value in totals.items()}
+def start_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when started by torchrun; (rank, world size), (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if "MASTER_ADDR" not in os.environ or "RANK" not in os.environ:
+        raise ValueError(f"WORLD_SIZE={world} but no RANK / MASTER_ADDR: start many processes with "
+                           f"`torchrun --nproc_per_node {world} ...`, or unset WORLD_SIZE")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
-def _unwrap(model: nn.Module) -> DALLE:
-    return model.module if hasattr(model, "module") else model
+class _LossOf(nn.Module):
+    """``forward`` = the stage's loss. DistributedDataParallel averages gradients only for
+    work done inside a wrapped module's ``forward``, so the loss must run in one."""
+
+    def __init__(self, model: nn.Module, loss: Callable):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch, step: int):
+        return self.loss(self.model, batch, step)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size) under torchrun, (0, 1) otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _mean_over_processes(values: dict[str, float], world: int) -> dict[str, float]:
+    if world == 1:
+        return values
+    packed = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(packed)
+    return dict(zip(values, (packed / world).tolist()))
 
 
-def train_dalle(
-    model: DALLE,
-    text_ids: torch.Tensor,
-    codes: torch.Tensor,
-    settings: TrainSettings,
-    checkpoint: str | Path | None = None,
+def _all_finite(model: nn.Module) -> bool:
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+def fit(
+    stage: Stage,
+    recipe: Recipe,
+    out: str | Path | None = None,
+    resume: bool = False,
+    device: str = "auto",
     log_path: str | Path | None = None,
-    validation: tuple[torch.Tensor, torch.Tensor] | None = None,
-    pad_ids: torch.Tensor | None = None,
-    save_dtype: torch.dtype = torch.float16,
+    stop_at: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Train ``model`` on (text_ids[N, T], codes[N, h, w]) pairs; return the log as a list of dicts.
+    """Train ``stage.model`` with ``recipe``; return the log (one dict every ``log_every`` steps).
 
-    ``model`` may be wrapped in DistributedDataParallel (then every process calls this with
-    the same data; each draws different batches). ``pad_ids`` (LongTensor[T], the empty
-    caption) is needed for ``caption_dropout > 0``. The log (every ``log_every`` steps,
-    plus validation losses every ``eval_every``) also goes to ``log_path`` as CSV.
-    Stops early, keeping the last good checkpoint, if the loss stops being finite.
+    ``out``: the checkpoint path, written every ``save_every`` steps and at the end, with
+    the resume state beside it. ``resume=True`` continues the run saved at ``out`` from its
+    last checkpoint: same recipe, same batches, same noise, so the weights end bitwise
+    equal to an uninterrupted run (on CPU). ``stop_at`` ends the run after that step as if
+    interrupted (a checkpoint is written; resume later). ``log_path``: a CSV of the log.
+    Ctrl-C saves the last finished step, then stops.
     """
-    core = _unwrap(model)
-    config = core.config
-    device = next(model.parameters()).device
-    rank, world = _distributed()
-    if len(text_ids) != len(codes):
-        raise ValueError(f"{len(text_ids)} captions but {len(codes)} images of codes")
-    core.check_text(text_ids[:1])
-    if codes.shape[1:] != (config.image_size, config.image_size):
-        raise ValueError(f"codes must be [N, {config.image_size}, {config.image_size}] for this model, "
-                         f"got {tuple(codes.shape)}: was the dVAE's grid size the model's image_size?")
-    if settings.caption_dropout > 0 and pad_ids is None:
-        raise ValueError("caption_dropout > 0 needs pad_ids, the token ids of an empty caption")
-    optimizer = make_optimizer(core, settings)
-    scaler = torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
-    generator = torch.Generator().manual_seed(settings.seed * 1000 + rank)
-    tokens_per_step = settings.batch_size * config.seq_len * world
-    log, fields = [], ["step", "loss", "text_loss", "image_loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s",
-                       "val_loss", "val_text_loss", "val_image_loss"]
-    log_file = None
-    if log_path is not None and rank == 0:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(log_path, "w", newline="")
-        writer = csv.DictWriter(log_file, fieldnames=fields)
-        writer.writeheader()
+    device = pick_device(device)
+    rank, world = start_distributed(device)
+    model = stage.model.to(device)
+    start_step, seconds_before, log = 0, 0.0, []
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs the checkpoint path out=...")
+        saved = checkpoint.load_resume_state(out)
+        recipe = Recipe(**saved["recipe"])  # the saved run's recipe wins
+        model.load_state_dict(saved["model"])
+        start_step, seconds_before, log = saved["step"], saved["seconds"], saved["log"]
+    recipe.check()
+    if recipe.batch_size % (world * recipe.grad_accum):
+        raise ValueError(f"batch-size {recipe.batch_size} must divide evenly over {world} processes x "
+                         f"{recipe.grad_accum} accumulation steps")
+    if stage.num_examples < 1:
+        raise ValueError("the stage has no training examples")
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, stage.decay_only_matrices),
+                                  lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+    if resume:
+        optimizer.load_state_dict(saved["optimizer"])
+    wrapped = _LossOf(model, stage.loss)
+    if world > 1:  # buffers (masks) are the same everywhere: no need to broadcast them
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    last_step = min(recipe.steps, stop_at) if stop_at is not None else recipe.steps
+    saved_step = start_step if resume else None
+
+    def save(step: int) -> None:
+        nonlocal saved_step
+        if out is None or rank != 0:
+            return
+        if not _all_finite(model):
+            raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. "
+                                   + _on_disk(out, saved_step))
+        seconds = seconds_before + time.perf_counter() - started
+        checkpoint.save(model, out, dtype=stage.save_dtype, step=step, recipe=asdict(recipe),
+                        train_seconds=round(seconds, 1), log=log, **stage.metadata)
+        checkpoint.save_resume_state(out, {
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": optimizer.state_dict(), "recipe": asdict(recipe), "step": step,
+            "seconds": seconds, "log": log})
+        if log_path is not None:
+            write_csv_log(log_path, log)
+        saved_step = step
+
     model.train()
-    start_time = last_time = time.perf_counter()
-    bar = tqdm(range(settings.steps), desc="train dalle", disable=not progress or rank != 0)
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, last_step), desc=f"train {model.kind}", disable=not progress or rank != 0,
+               initial=start_step, total=recipe.steps, mininterval=1.0)
+    completed = start_step  # steps whose update has been applied
     try:
         for step in bar:
+            lr = learning_rate(step, recipe)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, settings)
-            picks = torch.randint(0, len(codes), (settings.batch_size,), generator=generator)
-            text = text_ids[picks].clone()
-            if settings.caption_dropout > 0:
-                dropped = torch.rand(settings.batch_size, generator=generator) < settings.caption_dropout
-                text[dropped] = pad_ids
-            text, image = text.to(device), codes[picks].to(device).long()
-            with autocast_context(device, settings.amp):
-                losses = model(text, image, return_loss=True)  # through forward, so DDP's hooks run
-            if not torch.isfinite(losses["loss"]):
-                bar.write(f"step {step}: the loss is {losses['loss'].item()}; stopping. The last good "
-                          f"checkpoint ({checkpoint}) is left as it was.")
-                break
+                group["lr"] = lr
+            torch.manual_seed(recipe.seed * 1_000_003 + step * 1009 + rank)  # this step's noise
+            mine = step_indices(step, recipe, stage.num_examples)[rank::world]
+            terms = {}
+            for micro, indices in enumerate(mine.chunk(recipe.grad_accum)):
+                batch = to_device(stage.batch(indices), device)
+                sync = world == 1 or micro == recipe.grad_accum - 1
+                with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                    losses = wrapped(batch, step)
+                (losses["loss"] / recipe.grad_accum).backward()
+                for name, value in losses.items():
+                    terms[name] = terms.get(name, 0.0) + value.detach().float().item() / recipe.grad_accum
+            clip = recipe.grad_clip if recipe.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            terms = _mean_over_processes(terms, world)
+            if not (math.isfinite(terms["loss"]) and math.isfinite(grad_norm)):
+                raise TrainingDiverged(f"step {step + 1}: the loss is {terms['loss']:.4g} and the gradient norm "
+                                       f"{grad_norm:.4g}; stopped before updating. " + _on_disk(out, saved_step)
+                                       + " Try a smaller --lr.")
+            optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-            if settings.amp != "fp16" and not torch.isfinite(grad_norm):  # (fp16: the scaler skips such steps)
-                bar.write(f"step {step}: the gradient norm is {grad_norm.item()}; stopping before the update. "
-                          f"The last good checkpoint ({checkpoint}) is left as it was.")
-                break
-            scaler.step(optimizer)
-            scaler.update()
-            last = step + 1 == settings.steps
-            if step % settings.log_every == 0 or last:
-                now = time.perf_counter()
-                steps_done = settings.log_every if step else 1
-                row = {"step": step, **{k: round(v.item(), 5) for k, v in losses.items()},
-                       "lr": learning_rate(step, settings), "grad_norm": round(grad_norm.item(), 4),
-                       "tokens_per_s": round(tokens_per_step * steps_done / max(now - last_time, 1e-9), 1),
-                       "elapsed_s": round(now - start_time, 2)}
-                last_time = now
-                if validation is not None and (step % settings.eval_every == 0 or last):
-                    val = evaluate(core, *validation, amp=settings.amp)
-                    row.update({f"val_{k}": round(v, 5) for k, v in val.items()})
+            completed = done = step + 1
+            if done % recipe.log_every == 0 or done == last_step:
+                row = {"step": done, **{k: round(v, 6) for k, v in terms.items()}, "lr": lr,
+                       "grad_norm": round(grad_norm, 4),
+                       "seconds": round(seconds_before + time.perf_counter() - started, 2)}
+                validate_now = recipe.eval_every and done % recipe.eval_every == 0 or done == recipe.steps
+                if stage.validate is not None and validate_now:
+                    model.eval()
+                    with torch.no_grad(), autocast():
+                        row.update({f"val_{k}": round(float(v), 6) for k, v in stage.validate(model).items()})
+                    model.train()
                 log.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", image=f"{row['image_loss']:.3f}")
-                if log_file is not None:
-                    writer.writerow(row)
-                    log_file.flush()
-            if checkpoint is not None and rank == 0 and ((step + 1) % settings.save_every == 0 or last):
-                save_dalle(core, checkpoint, dtype=save_dtype,
-                           metadata={"step": step + 1, "loss": round(losses["loss"].item(), 5),
-                                     "settings": asdict(settings)})
+                bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
+            if done % recipe.save_every == 0 or done == last_step:
+                save(done)
+    except KeyboardInterrupt:
+        if rank == 0 and out is not None and completed > (saved_step or 0):
+            save(completed)
+            bar.write(f"interrupted: saved step {completed} to {out}; continue with --resume")
+        raise
     finally:
-        if log_file is not None:
-            log_file.close()
+        bar.close()
+        if log_path is not None and rank == 0 and log:
+            write_csv_log(log_path, log)
+        model.eval()
     return log
 
 
-# --------------------------------------------------------------------------------------
-# Command line: dalle-lesson train dalle --preset tiny ...
-# --------------------------------------------------------------------------------------
+def _on_disk(out, saved_step) -> str:
+    if out is None:
+        return "Nothing was being saved."
+    if saved_step is None:
+        return f"{out} was not touched by this run." if Path(out).exists() else f"No checkpoint was written to {out} yet."
+    return f"The last good checkpoint, {out} (step {saved_step}), is intact."
 
 
-def _train_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
-    from dalle_lesson.cli import make_dataset
+def write_csv_log(path: str | Path, log: list[dict]) -> None:
+    """The log as a CSV file, rewritten whole (and atomically): its columns are every key seen."""
+    columns = list(dict.fromkeys(key for row in log for key in row))
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-    else:
-        device = torch.device(args.device)
-    rank, _ = _distributed()
-    torch.manual_seed(args.seed)
+    def write(temporary):
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(log)
 
-    overrides = {key: value for key, value in (("d_model", args.d_model), ("n_layers", args.layers),
-                                                ("n_heads", args.heads)) if value}
-    if args.attention:
-        overrides["attention"] = args.attention
-    config = PRESETS[args.preset](**overrides)
-    tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer()
-    if tokenizer.vocab_size != config.text_vocab_size:
-        config.text_vocab_size = tokenizer.vocab_size
-    image_size = args.image_size or 32
-    dataset = make_dataset(args.dataset, image_size, "train", args.folder, length=args.train_images)
-    name = f"{args.dataset}-train-{len(dataset)}-{image_size}" if args.dataset != "folder" else \
-        f"folder{hashlib.sha256(str(Path(args.folder).resolve()).encode()).hexdigest()[:8]}-{len(dataset)}-{image_size}"
-    codes, captions = cached_codes(dataset, name, args.dvae, args.cache_dir, progress=rank == 0)
-    if codes.shape[-1] != config.image_size:
-        config.image_size = codes.shape[-1]  # the dVAE decides the grid
-    text_ids = tokenize_batch(tokenizer, captions, config.text_seq_len)
-    validation = None
-    if args.dataset == "shapes" and args.val_images:
-        val_codes, val_captions = shapes_codes("test", args.val_images, image_size, args.dvae, args.cache_dir,
-                                               progress=rank == 0)
-        validation = (tokenize_batch(tokenizer, val_captions, config.text_seq_len), val_codes)
-
-    model = DALLE(config).to(device)
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup,
-                             caption_dropout=args.caption_dropout, amp=args.amp, seed=args.seed,
-                             save_every=args.save_every, eval_every=args.eval_every, log_every=args.log_every)
-    if rank == 0:
-        print(f"DALL·E preset {args.preset}: {_unwrap(model).num_parameters() / 1e6:.2f}M parameters, "
-              f"layers {config.layer_kinds()}, {len(codes)} training pairs, stream {config.seq_len} tokens")
-    pad_ids = tokenize_batch(tokenizer, [""], config.text_seq_len)[0]
-    train_dalle(model, text_ids, codes, settings, checkpoint=args.out, log_path=args.log, validation=validation,
-                pad_ids=pad_ids, save_dtype=torch.float16 if args.fp16 else torch.float32, progress=True)
-    if distributed:
-        torch.distributed.destroy_process_group()
+    checkpoint.atomic_write(path, write)
 
 
-def add_train_command(subparsers) -> None:
-    """Add ``train dalle`` to the ``dalle-lesson`` command."""
-    from dalle_lesson.cli import add_dataset_arguments
+def summary(log: list[dict], out: str | Path | None) -> str:
+    """One line for the end of a run: where it saved, steps, final losses, time."""
+    if not log:
+        return "no steps were run"
+    last = log[-1]
+    validated = [row for row in log if any(key.startswith("val_") for key in row)]
+    parts = [f"step {last['step']}", f"train loss {last['loss']:.4g}"]
+    if validated:
+        parts += [f"validation {key[4:]} {value:.4g}" for key, value in validated[-1].items() if key.startswith("val_")]
+    parts.append(f"{last['seconds'] / 60:.1f} min")
+    where = f"saved {out}: " if out is not None else ""
+    return where + ", ".join(parts)
 
-    defaults = TrainSettings()
-    parser = subparsers.add_parser("dalle", help="train the DALL·E transformer on dVAE codes + captions")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    parser.add_argument("--d-model", type=int, default=0, help="override the preset's width")
-    parser.add_argument("--layers", type=int, default=0, help="override the preset's depth")
-    parser.add_argument("--heads", type=int, default=0, help="override the preset's head count")
-    parser.add_argument("--attention", choices=["dense", "sparse"], default=None,
-                        help="same results; sparse computes only the row/column blocks (default: the preset's)")
-    add_dataset_arguments(parser, image_size=32)
-    parser.add_argument("--train-images", type=int, default=20_000)
-    parser.add_argument("--val-images", type=int, default=1000, help="shapes test-split pairs for validation")
-    parser.add_argument("--dvae", default=None, help="dVAE checkpoint (default: the shipped lesson dVAE)")
-    parser.add_argument("--tokenizer", default=None, help="BPE file (default: the course tokenizer)")
-    parser.add_argument("--cache-dir", default=None, help="where codes are cached (default ~/.cache/dalle_lesson)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup_steps)
-    # (sampling lesson) 10% of captions become the empty caption by default, so the model also learns
-    # p(image | no caption): classifier-free guidance (dalle_lesson.sampling) needs that unconditional half.
-    parser.add_argument("--caption-dropout", type=float, default=0.1,
-                        help="fraction of captions replaced by all-padding (for classifier-free guidance)")
-    parser.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--log-every", type=int, default=defaults.log_every)
-    parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    parser.add_argument("--save-every", type=int, default=defaults.save_every)
-    parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
-    parser.add_argument("--out", default="dalle.safetensors")
-    parser.add_argument("--log", default=None, help="write the loss log here (CSV)")
-    parser.set_defaults(run=_train_command)
+
+def recipe_fields() -> list[str]:
+    """The recipe's field names, in order (the CLI makes one flag of each)."""
+    return [f.name for f in fields(Recipe)]

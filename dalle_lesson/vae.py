@@ -21,17 +21,14 @@ exactly that). The lesson size is S = 32 with a 16-dimensional latent.
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+
+from dalle_lesson import checkpoint
 
 # --------------------------------------------------------------------------------------
 # Configuration
@@ -199,6 +196,8 @@ class Autoencoder(_ImageModel):
     comparable; its ``kl`` is reported as zero.
     """
 
+    kind, config_class = "autoencoder", VAEConfig  # how its checkpoints are named and rebuilt
+
     def __init__(self, config: VAEConfig):
         super().__init__(config)
         self.encoder = Encoder(config, config.latent_dim)
@@ -219,6 +218,8 @@ class Autoencoder(_ImageModel):
 
 class VAE(_ImageModel):
     """A variational autoencoder with a diagonal Gaussian posterior and a N(0, I) prior."""
+
+    kind, config_class = "vae", VAEConfig
 
     def __init__(self, config: VAEConfig):
         super().__init__(config)
@@ -260,78 +261,27 @@ class VAE(_ImageModel):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints: safetensors (loading runs no code), written atomically
+# Checkpoints (dalle_lesson.checkpoint: safetensors, written atomically) and data
 # --------------------------------------------------------------------------------------
 
-_KINDS = {"vae": VAE, "autoencoder": Autoencoder}
 
-
-def save_vae(
-    model: Autoencoder | VAE,
-    path: str | Path,
-    step: int | None = None,
-    dtype: torch.dtype = torch.float32,
-    history: dict[str, list[float]] | None = None,
-) -> Path:
-    """Write the weights and config to ``path``; a crash mid-write never leaves a broken file.
-
-    ``dtype=torch.float16`` halves the size (used for the shipped checkpoint). ``history``
-    (the loss curves :func:`train` returns) is stored too, so a loaded model can show how
-    it was trained; read it back with :func:`checkpoint_history`.
-    """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kind = "vae" if isinstance(model, VAE) else "autoencoder"
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in model.state_dict().items()}
-    metadata = {"format": "dalle_lesson.vae", "kind": kind, "config": json.dumps(asdict(model.config))}
-    if step is not None:
-        metadata["step"] = str(step)
-    if history is not None:  # 0.1 nat is far below the step-to-step noise; keeps the header small
-        metadata["history"] = json.dumps({name: [round(v, 1) for v in values] for name, values in history.items()})
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)  # atomic on POSIX and Windows: readers see old or new, never half
-    return path
-
-
-def checkpoint_metadata(path: str | Path) -> dict:
-    """The metadata stored with a checkpoint (kind, config, step) without loading weights."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def checkpoint_history(path: str | Path) -> dict[str, list[float]]:
-    """The training curves stored with a checkpoint (empty if it was saved without them)."""
-    return json.loads(checkpoint_metadata(path).get("history", "{}"))
+def save_vae(model: Autoencoder | VAE, path: str | Path, dtype: torch.dtype = torch.float32, **metadata) -> Path:
+    """Write the model to ``path`` (``dtype=torch.float16`` halves the file)."""
+    return checkpoint.save(model, path, dtype=dtype, **metadata)
 
 
 def load_vae(path: str | Path | None = None, device: str | torch.device = "cpu") -> Autoencoder | VAE:
-    """Load a model written by :func:`save_vae` (``None`` = the shipped lesson VAE), in eval mode."""
-    from safetensors.torch import load_file
+    """Load a VAE or autoencoder checkpoint (``None`` = the shipped lesson VAE), in eval mode."""
+    from dalle_lesson.data import shipped_path
 
-    if path is None:
-        from dalle_lesson.data import shipped_path
-
-        path = shipped_path("vae_lesson.safetensors")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `dalle-lesson train vae --out {path}`")
-    metadata = checkpoint_metadata(path)
-    if metadata.get("format") != "dalle_lesson.vae" or metadata.get("kind") not in _KINDS:
-        raise ValueError(f"{path} is not a dalle_lesson VAE checkpoint (metadata: {metadata})")
-    model = _KINDS[metadata["kind"]](VAEConfig(**json.loads(metadata["config"])))
-    state = {name: t.float() for name, t in load_file(str(path)).items()}
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    return checkpoint.load(path or shipped_path("vae_lesson.safetensors"), (VAE, Autoencoder), device)
 
 
-# --------------------------------------------------------------------------------------
-# Training
-# --------------------------------------------------------------------------------------
+def checkpoint_history(path: str | Path) -> dict[str, list[float]]:
+    """The training curves stored with a checkpoint: ``{"loss": [...], "kl": [...], ...}``
+    (one value per logged step; empty if the file has no log)."""
+    log = checkpoint.read_metadata(path).get("log") or []
+    return {name: [row[name] for row in log] for name in ("step", "loss", "reconstruction", "kl") if log and name in log[0]}
 
 
 def shapes_images(count: int, image_size: int = 32, split: str = "train", seed: int = 0) -> torch.Tensor:
@@ -340,67 +290,6 @@ def shapes_images(count: int, image_size: int = 32, split: str = "train", seed: 
 
     dataset = ShapesDataset(length=count, image_size=image_size, split=split, seed=seed)
     return torch.stack([dataset[i][0] for i in range(count)])
-
-
-def train(
-    model: Autoencoder | VAE,
-    images: torch.Tensor,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    kl_weight: float = 1.0,
-    checkpoint: str | Path | None = None,
-    save_every: int = 500,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict[str, list[float]]:
-    """Train on random mini-batches of ``images`` with Adam; returns the per-step history.
-
-    The history has ``loss``, ``reconstruction`` and ``kl`` (nats per image). With a
-    ``checkpoint`` path the model is saved every ``save_every`` steps and at the end. A
-    non-finite loss stops training with ``FloatingPointError`` *before* the bad step
-    touches the weights or the file, so the last checkpoint on disk is a good one.
-    """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    model.check_images(images[:1])
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)  # picks batches (and on CPU, the VAE's noise)
-    noise_generator = generator if device.type == "cpu" else torch.Generator(device).manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    # cosine decay to 10%: big steps early, then settle (helps the short lesson runs most)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps)))
-    history: dict[str, list[float]] = {"loss": [], "reconstruction": [], "kl": []}
-    on_disk = f"the last good checkpoint {checkpoint} is intact" if checkpoint else "no checkpoint was being written"
-    model.train()
-    bar = tqdm(range(1, steps + 1), desc=f"train {type(model).__name__}", disable=not progress)
-    for step in bar:
-        batch = images[torch.randint(len(images), (batch_size,), generator=generator)].to(device)
-        terms = model.loss(batch, kl_weight=kl_weight, generator=noise_generator)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
-                f"loss became {terms['loss'].item()} at step {step}; training stopped ({on_disk}). "
-                "Try a smaller learning rate, or check the images for NaNs."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        # a finite loss can still give infinite gradients; one such step would poison the weights
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
-        if not torch.isfinite(grad_norm):
-            raise FloatingPointError(
-                f"gradient norm became {grad_norm.item()} at step {step}; training stopped before the "
-                f"update ({on_disk}). Try a smaller learning rate."
-            )
-        optimizer.step()
-        schedule.step()
-        for name in history:
-            history[name].append(terms[name].item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{history['loss'][-1]:.1f}", kl=f"{history['kl'][-1]:.1f}")
-        if checkpoint and (step % save_every == 0 or step == steps):
-            save_vae(model, checkpoint, step=step, history=history)
-    model.eval()
-    return history
 
 
 @torch.no_grad()
@@ -415,53 +304,3 @@ def evaluate(model: Autoencoder | VAE, images: torch.Tensor, batch_size: int = 2
         for name in totals:
             totals[name] += terms[name].item() * len(batch)
     return {name: total / len(images) for name, total in totals.items()}
-
-
-# --------------------------------------------------------------------------------------
-# dalle-lesson train vae ...
-# --------------------------------------------------------------------------------------
-
-
-def _train_command(args: argparse.Namespace) -> None:
-    from dalle_lesson.cli import make_dataset
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    config = VAEConfig(image_size=args.image_size, latent_dim=args.latent_dim, width=args.width, pixel_sigma=args.pixel_sigma)
-    model = (Autoencoder if args.autoencoder else VAE)(config).to(args.device)
-    dataset = make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
-    count = min(args.train_images, len(dataset))
-    images = torch.stack([dataset[i][0] for i in range(count)])
-    print(f"{type(model).__name__}: {model.num_parameters():,} parameters, {count} {args.dataset} images, {args.steps} steps")
-    history = train(model, images, args.steps, args.batch_size, args.lr, args.kl_weight, args.out, args.save_every, args.seed)
-    if args.fp16:  # rewrite the final checkpoint at half size (what data/ ships)
-        save_vae(model, args.out, step=args.steps, dtype=torch.float16, history=history)
-    tail = slice(-min(100, len(history["loss"])), None)
-    mean = {name: sum(values[tail]) / len(values[tail]) for name, values in history.items()}
-    print(f"last {len(history['loss'][tail])} steps: loss {mean['loss']:.1f} = reconstruction {mean['reconstruction']:.1f} + KL {mean['kl']:.1f} nats/image")
-    print(f"saved {args.out}")
-
-
-def add_train_command(subparsers) -> None:
-    """Add ``dalle-lesson train vae`` to the CLI's ``train`` sub-commands."""
-    from dalle_lesson.cli import add_dataset_arguments
-
-    parser = subparsers.add_parser("vae", help="train the lesson-01 VAE (or a plain autoencoder)")
-    add_dataset_arguments(parser, image_size=32)
-    parser.add_argument("--autoencoder", action="store_true", help="train a plain autoencoder instead of a VAE")
-    parser.add_argument("--latent-dim", type=int, default=16)
-    parser.add_argument("--width", type=int, default=32, help="channels of the first conv layer")
-    parser.add_argument("--pixel-sigma", type=float, default=0.1, help="std of the Gaussian likelihood")
-    parser.add_argument("--kl-weight", type=float, default=1.0, help="beta; 1 = the true ELBO")
-    parser.add_argument("--train-images", type=int, default=20_000, help="images rendered once and batched from")
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--save-every", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--fp16", action="store_true", help="store the final weights in float16 (half the size)")
-    parser.add_argument("--out", default="vae.safetensors")
-    parser.set_defaults(run=_train_command)

@@ -76,20 +76,6 @@ def plot_curve(values: Sequence[float], title: str = "", xlabel: str = "step", y
     return ax
 
 
-def show_mask(mask: torch.Tensor, title: str = "", ax=None, text_len: int | None = None):
-    """Draw a boolean attention mask (rows = queries, columns = keys; dark = may attend)."""
-    if ax is None:
-        size = min(6, max(2.5, mask.shape[0] / 12))
-        _, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(mask.detach().cpu().float().numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
-    if text_len:  # a line between the text and the image parts of the stream
-        for position in (text_len - 0.5,):
-            ax.axhline(position, color="tab:red", linewidth=0.8)
-            ax.axvline(position, color="tab:red", linewidth=0.8)
-    ax.set(title=title, xlabel="key position", ylabel="query position")
-    return ax
-
-
 def show_codes(codes: torch.Tensor, ax=None, title: str = "", annotate: bool = True):
     """Draw an [h, w] grid of integer token ids, each cell labelled with its id."""
     if ax is None:

@@ -1,8 +1,13 @@
 """Tests of dalle_lesson.data: the shapes generator, its held-out split, the folder dataset."""
 
+import errno
+import itertools
+import os
 import re
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -250,6 +255,226 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
 def test_shipped_path_names_what_is_missing():
     with pytest.raises(FileNotFoundError, match="no_such_file"):
         data.shipped_path("no_such_file.bin")
+
+
+# ---- your own folder: indexing ---------------------------------------------------------
+
+
+def _small_folder(root, count):
+    """``count`` 8x8 images with captions "caption 0", "caption 1", ..."""
+    for k in range(count):
+        _write_image(root / f"img{k}.png", (10 * k, 0, 0), size=(8, 8))
+        (root / f"img{k}.txt").write_text(f"caption {k}")
+    return ImageFolderDataset(root, image_size=8)
+
+
+def test_folder_dataset_indexes_like_a_list(tmp_path):
+    dataset = _small_folder(tmp_path, 3)
+    # islice: on a dataset whose indices wrap around, plain iteration would never end.
+    assert [caption for _, caption in itertools.islice(iter(dataset), 10)] == ["caption 0", "caption 1", "caption 2"]
+    assert dataset[-1][1] == "caption 2" and dataset[-3][1] == "caption 0"
+    assert dataset[np.int64(1)][1] == dataset[torch.tensor(1)][1] == "caption 1"  # what samplers hand over
+    for index in (3, 10**9, -4, -(10**9)):
+        with pytest.raises(IndexError, match="out of range"):
+            dataset[index]
+
+
+# ---- your own folder: every image mode Pillow reads ------------------------------------
+
+
+def _halves(mode, left, right, size=4):
+    """A size x size image in ``mode``: the left half one pixel value, the right half another."""
+    image = Image.new(mode, (size, size), left)
+    image.paste(right, (size // 2, 0, size, size))
+    return image
+
+
+def _palette_image(transparent_index=None):
+    image = _halves("P", 1, 2)
+    image.putpalette([0, 0, 0, 10, 20, 30, 200, 100, 50])
+    if transparent_index is not None:
+        image.info["transparency"] = transparent_index
+    return image
+
+
+RGB8 = 1.5 / 255  # 8-bit modes: right to within rounding
+DEEP = 1e-4  # deep modes: no detour through 8 bits
+WHITE, BLACK, RED = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1.0, 0.0, 0.0)
+grey = lambda value: (value, value, value)
+
+# (name, image, file suffix, expected RGB of the left half, of the right half, tolerance)
+MODE_CASES = [
+    ("P", _palette_image(), ".png", (10 / 255, 20 / 255, 30 / 255), (200 / 255, 100 / 255, 50 / 255), RGB8),
+    ("P transparent", _palette_image(transparent_index=1), ".png", WHITE, (200 / 255, 100 / 255, 50 / 255), RGB8),
+    ("P transparent gif", _palette_image(transparent_index=1), ".gif", WHITE, (200 / 255, 100 / 255, 50 / 255), RGB8),
+    ("1", _halves("1", 0, 1), ".png", BLACK, WHITE, RGB8),
+    ("L", _halves("L", 100, 200), ".png", grey(100 / 255), grey(200 / 255), RGB8),
+    ("LA", _halves("LA", (100, 255), (100, 0)), ".png", grey(100 / 255), WHITE, RGB8),
+    ("RGBA", _halves("RGBA", (255, 0, 0, 255), (0, 0, 255, 128)), ".png", RED, (127 / 255, 127 / 255, 1.0), RGB8),
+    ("I;16 png", _halves("I;16", 32768, 65535), ".png", grey(32768 / 65535), WHITE, DEEP),
+    ("I;16B tiff", _halves("I;16B", 16384, 0), ".tif", grey(16384 / 65535), BLACK, DEEP),
+    ("I with 16-bit values", _halves("I", 32768, 0), ".tif", grey(32768 / 65535), BLACK, DEEP),
+    ("I with 32-bit values", _halves("I", 2**30, 2**31 - 1), ".tif", grey(2**30 / (2**31 - 1)), WHITE, DEEP),
+    ("F in [0, 1]", _halves("F", 0.25, 0.75), ".tif", grey(0.25), grey(0.75), DEEP),
+    ("CMYK", _halves("CMYK", (0, 255, 255, 0), (0, 0, 0, 255)), ".tif", RED, BLACK, RGB8),
+    ("LAB", _halves("LAB", (255, 128, 128), (0, 128, 128)), ".tif", WHITE, BLACK, 2.5 / 255),
+]
+
+
+@pytest.mark.parametrize("name, image, suffix, left, right, atol", MODE_CASES, ids=[case[0] for case in MODE_CASES])
+def test_every_image_mode_loads_as_rgb_in_unit_range(tmp_path, name, image, suffix, left, right, atol):
+    path = tmp_path / f"picture{suffix}"
+    image.save(path)
+    with Image.open(path) as saved:
+        assert saved.mode == image.mode  # the file really holds this mode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of these needs a guess
+        tensor = data.load_image(path, 4)
+    assert tensor.shape == (3, 4, 4) and tensor.dtype == torch.float32
+    assert torch.allclose(tensor[:, :, :2], torch.tensor(left).view(3, 1, 1).expand(3, 4, 2), atol=atol)
+    assert torch.allclose(tensor[:, :, 2:], torch.tensor(right).view(3, 1, 1).expand(3, 4, 2), atol=atol)
+
+
+def test_pil_helpers_scale_deep_images_instead_of_clipping_them():
+    mid_grey = Image.new("I;16", (2, 2), 32768)
+    assert torch.allclose(data.pil_to_tensor(mid_grey), torch.full((3, 2, 2), 32768 / 65535))
+    assert data.to_rgb_on_white(mid_grey).getpixel((0, 0)) == (128, 128, 128)
+    half = Image.new("F", (2, 2), 0.5)
+    assert torch.allclose(data.pil_to_tensor(half), torch.full((3, 2, 2), 0.5))
+    see_through = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert torch.equal(data.pil_to_tensor(see_through), torch.ones(3, 2, 2))  # white, not black
+
+
+def test_float_and_negative_images_outside_a_known_range_are_stretched_with_a_warning(tmp_path):
+    for name, mode, low, high in (("depth.tif", "F", 0.0, 1000.0), ("signed.tif", "I", -500, 1500)):
+        path = tmp_path / name
+        _halves(mode, low, high).save(path)
+        with pytest.warns(UserWarning, match=re.escape(name)):
+            tensor = data.load_image(path, 4)
+        assert torch.allclose(tensor[:, :, :2], torch.zeros(3, 4, 2), atol=DEEP)
+        assert torch.allclose(tensor[:, :, 2:], torch.ones(3, 4, 2), atol=DEEP)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored left half red, right half blue, with the tag phones write for "rotate 90° clockwise
+    # to view": seen upright, red is on top.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    path = tmp_path / "phone.png"
+    _halves("RGB", (255, 0, 0), (0, 0, 255)).save(path, exif=exif)
+    tensor = data.load_image(path, 4)
+    assert torch.allclose(tensor[:, :2, :], torch.tensor(RED).view(3, 1, 1).expand(3, 2, 4), atol=RGB8)
+    assert torch.allclose(tensor[:, 2:, :], torch.tensor((0.0, 0.0, 1.0)).view(3, 1, 1).expand(3, 2, 4), atol=RGB8)
+
+
+def test_folder_dataset_reads_a_16_bit_png_at_its_real_brightness(tmp_path):
+    Image.new("I;16", (8, 8), 32768).save(tmp_path / "scan.png")
+    (tmp_path / "scan.txt").write_text("a grey scan")
+    image, caption = ImageFolderDataset(tmp_path, image_size=8)[0]
+    assert caption == "a grey scan"
+    assert torch.allclose(image, torch.full((3, 8, 8), 32768 / 65535), atol=DEEP)
+
+
+# ---- your own folder: captions, unreadable entries, hidden entries, huge images --------
+
+
+def test_captions_are_utf8_with_a_warned_fallback(tmp_path):
+    for name in ("bom", "latin", "quotes", "notepad"):
+        _write_image(tmp_path / f"{name}.png", size=(8, 8))
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + "une étoile rouge".encode("utf-8"))
+    (tmp_path / "latin.txt").write_bytes("étoile".encode("latin-1"))
+    (tmp_path / "quotes.txt").write_bytes("“star”".encode("cp1252"))
+    (tmp_path / "notepad.txt").write_text("ciel étoilé", encoding="utf-16")  # with a BOM, as Notepad saves
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(tmp_path, image_size=8)
+    captions = {path.stem: caption for path, caption in dataset.items}
+    assert captions == {"bom": "une étoile rouge", "latin": "étoile", "quotes": "“star”", "notepad": "ciel étoilé"}
+    assert dataset.not_utf8 == [tmp_path / "latin.txt", tmp_path / "quotes.txt"]
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 1 and "not UTF-8" in messages[0]
+    assert "latin.txt" in messages[0] and "quotes.txt" in messages[0] and "bom.txt" not in messages[0]
+
+
+def test_unreadable_caption_is_skipped_counted_and_named(tmp_path, monkeypatch):
+    for name in ("good", "boxed", "locked"):
+        _write_image(tmp_path / f"{name}.png", size=(8, 8))
+    (tmp_path / "good.txt").write_text("readable")
+    (tmp_path / "boxed.txt").mkdir()  # a folder where the caption file should be
+    locked = tmp_path / "locked.txt"
+    locked.write_text("secret")
+    # chmod 000 does not stop root, and tests may run as root: refuse the file the way the
+    # system refuses an ordinary user.
+    real_open = Path.open
+
+    def refusing_open(self, *args, **kwargs):
+        if self == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", refusing_open)
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(tmp_path, image_size=8)
+    assert [caption for _, caption in dataset.items] == ["readable"]
+    assert dataset.skip_counts == {"unreadable caption": 2}
+    assert dataset.skipped["unreadable caption"] == [tmp_path / "boxed.txt", locked]
+    assert "boxed.txt" in str(caught[0].message) and "locked.txt" in str(caught[0].message)
+
+
+def test_unreadable_subfolder_is_counted_and_named(tmp_path, monkeypatch):
+    _small_folder(tmp_path, 1)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _write_image(locked / "inside.png", size=(8, 8))
+    (locked / "inside.txt").write_text("never listed")
+    real_scandir = os.scandir
+
+    def refusing_scandir(path="."):  # chmod 000 on the folder, as seen by a user who is not root
+        if Path(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    with pytest.warns(UserWarning, match=r"unreadable folder: 1 \(locked\)"):
+        dataset = ImageFolderDataset(tmp_path, image_size=8)
+    assert [caption for _, caption in dataset.items] == ["caption 0"]
+    assert dataset.skipped["unreadable folder"] == [locked]
+
+
+def test_hidden_files_and_folders_are_not_data(tmp_path):
+    _small_folder(tmp_path, 1)
+    checkpoints = tmp_path / ".ipynb_checkpoints"  # Jupyter's autosaves
+    checkpoints.mkdir()
+    _write_image(checkpoints / "img0-checkpoint.png", size=(8, 8))
+    (checkpoints / "img0-checkpoint.txt").write_text("a stale copy")
+    _write_image(tmp_path / ".secret.png", size=(8, 8))
+    (tmp_path / ".secret.txt").write_text("hidden")
+    (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    with pytest.warns(UserWarning) as caught:
+        dataset = ImageFolderDataset(tmp_path, image_size=8)
+    assert [caption for _, caption in dataset.items] == ["caption 0"]
+    assert dataset.skip_counts == {"hidden": 4}
+    assert len(caught) == 1 and ".ipynb_checkpoints" in str(caught[0].message)
+
+
+def test_too_large_images_are_skipped_or_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a bomb in miniature; the test stays fast
+    _write_image(tmp_path / "small.png", size=(8, 8))
+    _write_image(tmp_path / "big.png", size=(12, 12))  # 144 pixels: Pillow itself would only warn
+    _write_image(tmp_path / "huge.png", size=(30, 30))  # 900 pixels: Pillow raises DecompressionBombError
+    for name in ("small", "big", "huge"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    with pytest.warns(UserWarning, match=r"image too large: 2 \(big.png, huge.png\)"):
+        checked = ImageFolderDataset(tmp_path, image_size=8)
+    assert [caption for _, caption in checked.items] == ["small"]
+
+    unchecked = ImageFolderDataset(tmp_path, image_size=8, check_images=False)
+    assert [caption for _, caption in unchecked.items] == ["big", "huge", "small"]
+    for index, name in enumerate(("big.png", "huge.png")):
+        with pytest.raises(ValueError, match=re.escape(name)) as raised:
+            unchecked[index]
+        assert isinstance(raised.value, data.ImageTooLargeError)
+        assert "MAX_IMAGE_PIXELS" in str(raised.value) and "Shrink" in str(raised.value)
+    assert unchecked[2][1] == "small"
 
 
 # ---- viz and the command line -----------------------------------------------------------

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Laplace
 
-from dalle_lesson import dvae
+from dalle_lesson import checkpoint, dvae
 from dalle_lesson.dvae import (
     DiscreteVAE,
     DVAEConfig,
-    TrainSettings,
     codebook_usage,
     cosine_schedule,
     gumbel_softmax,
@@ -23,7 +22,6 @@ from dalle_lesson.dvae import (
     map_pixels,
     psnr,
     save_dvae,
-    train_dvae,
     unmap_pixels,
 )
 
@@ -207,7 +205,7 @@ def test_codes_outside_the_vocabulary_are_refused():
 def test_save_and_load_round_trip(tmp_path):
     torch.manual_seed(0)
     model = DiscreteVAE(small_config(likelihood="mse")).eval()
-    path = save_dvae(model, tmp_path / "m.safetensors", extra={"step": 7})
+    path = save_dvae(model, tmp_path / "m.safetensors", step=7)
     assert not list(tmp_path.glob("*.tmp"))
     loaded = load_dvae(path)
     assert loaded.config == model.config
@@ -215,43 +213,43 @@ def test_save_and_load_round_trip(tmp_path):
     images = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(loaded.logits(images), model.logits(images), atol=2e-2)
-    assert dvae.read_checkpoint_metadata(path)["step"] == 7
+    assert checkpoint.read_metadata(path)["step"] == 7
 
 
 def test_load_refuses_other_files(tmp_path):
     from safetensors.torch import save_file
 
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
-    with pytest.raises(ValueError, match="not a dalle_lesson dVAE checkpoint"):
+    with pytest.raises(ValueError, match="not a dalle_lesson checkpoint"):
         load_dvae(tmp_path / "other.safetensors")
 
 
+def test_schedule_reaches_its_ends():
+    schedule = dvae.DVAESchedule(tau_end=1 / 16, tau_steps=30, beta_max=0.5, beta_steps=10, hard_from=0.5)
+    assert schedule.at(0, 40) == (1.0, 0.0, False)
+    tau, beta, hard = schedule.at(30, 40)
+    assert tau == pytest.approx(1 / 16) and beta == pytest.approx(0.5) and hard
+    # defaults: tau over two thirds of the run, beta over a seventh
+    assert dvae.DVAESchedule(beta_max=1.0).at(70, 490)[1] == pytest.approx(1.0)
+    assert dvae.DVAESchedule().at(60, 90)[0] == pytest.approx(1 / 16)
+
+
 def test_training_lowers_the_loss(tmp_path):
+    from dalle_lesson.stages import dvae_stage
+    from dalle_lesson.train import Recipe, fit
+
     torch.manual_seed(0)
     model = DiscreteVAE(small_config())
     images = (torch.rand(64, 3, 16, 16) > 0.5).to(torch.uint8) * 255
-    settings = TrainSettings(steps=40, batch_size=16, lr=2e-3, warmup_steps=5, beta_max=0.1, beta_steps=10)
-    history = train_dvae(model, images, settings, checkpoint=tmp_path / "m.safetensors", save_every=20, progress=False)
-    assert len(history) == 40
-    first, last = sum(h["loss"] for h in history[:5]) / 5, sum(h["loss"] for h in history[-5:]) / 5
+    schedule = dvae.DVAESchedule(beta_max=0.1, beta_steps=10)
+    log = fit(dvae_stage(model, images, 40, schedule), Recipe(steps=40, batch_size=16, lr=2e-3, warmup_steps=5,
+                                                              log_every=1, save_every=20),
+              out=tmp_path / "m.safetensors", progress=False)
+    assert len(log) == 40
+    first, last = sum(h["loss"] for h in log[:5]) / 5, sum(h["loss"] for h in log[-5:]) / 5
     assert last < first - 0.05
-    assert history[-1]["tau"] == pytest.approx(1 / 16, rel=0.05)
-    assert dvae.read_checkpoint_metadata(tmp_path / "m.safetensors")["step"] == 40
-
-
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    torch.manual_seed(0)
-    model = DiscreteVAE(small_config())
-    path = tmp_path / "m.safetensors"
-    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
-    train_dvae(model, images, TrainSettings(steps=2, batch_size=4), checkpoint=path, save_every=1, progress=False)
-    good = path.read_bytes()
-    with torch.no_grad():
-        model.encoder.blocks.input.weight.fill_(float("nan"))
-    history = train_dvae(model, images, TrainSettings(steps=5, batch_size=4), checkpoint=path, save_every=1, progress=False)
-    assert history == []
-    assert "loss became nan" in capsys.readouterr().out
-    assert path.read_bytes() == good
+    assert log[-1]["tau"] == pytest.approx(1 / 16, rel=0.05)
+    assert checkpoint.read_metadata(tmp_path / "m.safetensors")["step"] == 40
 
 
 def test_cli_train_dvae(tmp_path):
@@ -259,10 +257,12 @@ def test_cli_train_dvae(tmp_path):
 
     out = tmp_path / "cli.safetensors"
     main(["train", "dvae", "--preset", "lesson", "--n-hid", "16", "--vocab-size", "64", "--steps", "2",
-          "--batch-size", "4", "--train-images", "16", "--out", str(out), "--log", str(tmp_path / "log.jsonl")])
+          "--batch-size", "4", "--train-images", "16", "--val-images", "8", "--log-every", "1", "--out", str(out),
+          "--log", str(tmp_path / "log.csv")])
     model = load_dvae(out)
     assert model.config.vocab_size == 64 and model.config.image_size == 32
-    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+    rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val_psnr_db" in rows[0]
 
 
 # ---- the shipped lesson checkpoint -----------------------------------------------------
@@ -314,39 +314,24 @@ def test_vqvae_straight_through_and_api():
         model.encode(torch.rand(1, 3, 8, 8))
 
 
-def test_vqvae_training_lowers_the_loss():
-    from dalle_lesson.vqvae import VQVAE, train_vqvae
+def test_vqvae_training_lowers_the_loss(tmp_path):
+    from dalle_lesson.stages import vqvae_stage
+    from dalle_lesson.train import Recipe, fit
+    from dalle_lesson.vqvae import VQVAE, load_vqvae
 
     torch.manual_seed(0)
     model = VQVAE(small_config(), embedding_dim=8)
     images = (torch.rand(64, 3, 16, 16) > 0.5).to(torch.uint8) * 255
-    history = train_vqvae(model, images, steps=40, batch_size=16, progress=False)
-    assert sum(h["reconstruction"] for h in history[-5:]) < sum(h["reconstruction"] for h in history[:5])
-
-
-def test_vqvae_checkpoint_round_trip_and_nan_stop(tmp_path, capsys):
-    from dalle_lesson.vqvae import VQVAE, checkpoint_metadata, load_vqvae, train_vqvae
-
-    torch.manual_seed(0)
-    model = VQVAE(small_config(), embedding_dim=8)
-    images = torch.randint(0, 256, (32, 3, 16, 16), dtype=torch.uint8)
     path = tmp_path / "vq.safetensors"
-    train_vqvae(model, images, steps=3, batch_size=4, progress=False, checkpoint=path, save_every=1)
+    log = fit(vqvae_stage(model, images), Recipe(steps=40, batch_size=16, lr=2e-3, log_every=1), out=path,
+              progress=False)
+    assert sum(h["reconstruction"] for h in log[-5:]) < sum(h["reconstruction"] for h in log[:5])
     loaded = load_vqvae(path)
     assert loaded.embedding_dim == 8 and loaded.config == model.config
-    assert checkpoint_metadata(path)["step"] == 3
     batch = images[:4].float() / 255
-    # fp16 storage: the same codes, and pixels within fp16 rounding of the trained model's
-    assert torch.equal(loaded.encode(batch), model.encode(batch))
-    torch.testing.assert_close(loaded.decode(model.encode(batch)), model.decode(model.encode(batch)), atol=2e-3, rtol=0)
-    good = path.read_bytes()
-    with torch.no_grad():
-        model.encoder.blocks.input.weight.fill_(float("nan"))
-    assert train_vqvae(model, images, steps=3, batch_size=4, progress=False, checkpoint=path, save_every=1) == []
-    assert "loss became nan" in capsys.readouterr().out
-    assert path.read_bytes() == good
+    assert torch.equal(loaded.encode(batch), model.encode(batch))  # fp32 storage: the very same model
     dvae.save_dvae(DiscreteVAE(small_config()), tmp_path / "d.safetensors")
-    with pytest.raises(ValueError, match="not a dalle_lesson VQ-VAE checkpoint"):
+    with pytest.raises(ValueError, match="is a dVAE checkpoint; this wants a VQ-VAE one"):
         load_vqvae(tmp_path / "d.safetensors")
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_lesson.dvae import DVAEConfig, load_openai_dvae
+from dalle_lesson.dvae import DVAEConfig
+from dalle_lesson.openai_dvae import load_openai_dvae
 
 if os.environ.get("DALL_E_PATH"):
     sys.path.insert(0, os.environ["DALL_E_PATH"])

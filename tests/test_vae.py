@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from dalle_lesson import vae
+from dalle_lesson import checkpoint, vae
+from dalle_lesson.stages import vae_stage
+from dalle_lesson.train import Recipe, TrainingDiverged, fit
 from dalle_lesson.vae import VAE, Autoencoder, VAEConfig
 
 
@@ -108,15 +110,21 @@ def test_shapes():
     assert Autoencoder(VAEConfig.latent_2d()).encode(x).shape == (2, 2)
 
 
+def train(model, images, steps, batch_size, lr=2e-3, checkpoint=None, save_every=500, progress=False):
+    """The lesson's recipe (Adam, cosine to a tenth) through the engine, logging every step."""
+    recipe = Recipe(steps=steps, batch_size=batch_size, lr=lr, save_every=save_every, log_every=1)
+    return fit(vae_stage(model, images), recipe, out=checkpoint, progress=progress)
+
+
 @pytest.mark.parametrize("kind", [VAE, Autoencoder])
 def test_short_training_reduces_the_loss_on_a_fixed_batch(kind, images):
     torch.manual_seed(0)
     model = kind(small_config())
     batch = images[:16]
     before = vae.evaluate(model, batch)["loss"]
-    history = vae.train(model, batch, steps=60, batch_size=16, lr=3e-3, progress=False)
+    history = train(model, batch, steps=60, batch_size=16, lr=3e-3, progress=False)
     after = vae.evaluate(model, batch)["loss"]
-    assert len(history["loss"]) == 60 and len(history["kl"]) == 60
+    assert len(history) == 60 and all("kl" in row for row in history)
     assert after < 0.5 * before, (before, after)
 
 
@@ -126,7 +134,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, images):
         path = vae.save_vae(model, tmp_path / "model.safetensors", step=7)
         loaded = vae.load_vae(path)
         assert type(loaded) is type(model) and loaded.config == model.config
-        assert vae.checkpoint_metadata(path)["step"] == "7"
+        assert checkpoint.read_metadata(path)["step"] == 7
         with torch.no_grad():
             assert torch.equal(loaded.encoder(images[:4]), model.encoder(images[:4]))
             z = torch.randn(4, model.config.latent_dim)
@@ -154,9 +162,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, im
         return output * float("nan") if calls["n"] > 5 else output
 
     model.decoder.register_forward_hook(poison_after_five_steps)
-    with pytest.raises(FloatingPointError, match="step 6"):
-        vae.train(model, images, steps=20, batch_size=8, checkpoint=path, save_every=2, progress=False)
-    assert vae.checkpoint_metadata(path)["step"] == "4"  # saved at 2 and 4, never after the NaN
+    with pytest.raises(TrainingDiverged, match="step 6: the loss is nan"):
+        train(model, images, steps=20, batch_size=8, checkpoint=path, save_every=2, progress=False)
+    assert checkpoint.read_metadata(path)["step"] == 4  # saved at 2 and 4, never after the NaN
     saved = vae.load_vae(path)
     assert all(torch.isfinite(t).all() for t in saved.state_dict().values())
     # the bad step stopped before the optimizer update, so the live model is finite too
@@ -174,9 +182,9 @@ def test_infinite_gradient_stops_training_before_the_update(tmp_path, images):
         return grad * float("inf") if calls["n"] == 3 else grad
 
     model.decoder.from_vector.weight.register_hook(blow_up_on_step_three)
-    with pytest.raises(FloatingPointError, match="gradient norm became .* at step 3"):
-        vae.train(model, images, steps=10, batch_size=8, checkpoint=path, save_every=1, progress=False)
-    assert vae.checkpoint_metadata(path)["step"] == "2"
+    with pytest.raises(TrainingDiverged, match="step 3: .* gradient norm inf"):
+        train(model, images, steps=10, batch_size=8, checkpoint=path, save_every=1, progress=False)
+    assert checkpoint.read_metadata(path)["step"] == 2
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     assert all(torch.isfinite(t).all() for t in vae.load_vae(path).state_dict().values())
 
@@ -188,8 +196,8 @@ def test_nan_from_the_first_step_leaves_an_existing_checkpoint_untouched(tmp_pat
     before = path.read_bytes()
     with torch.no_grad():
         model.decoder.from_vector.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="intact"):
-        vae.train(model, images, steps=5, batch_size=8, checkpoint=path, save_every=1, progress=False)
+    with pytest.raises(TrainingDiverged, match="not touched by this run"):
+        train(model, images, steps=5, batch_size=8, checkpoint=path, save_every=1, progress=False)
     assert path.read_bytes() == before
 
 
@@ -218,9 +226,9 @@ def test_loading_something_else_is_a_clear_error(tmp_path):
 
     path = tmp_path / "other.safetensors"
     save_file({"x": torch.zeros(1)}, str(path))
-    with pytest.raises(ValueError, match="not a dalle_lesson VAE checkpoint"):
+    with pytest.raises(ValueError, match="not a dalle_lesson checkpoint"):
         vae.load_vae(path)
-    with pytest.raises(FileNotFoundError, match="train vae"):
+    with pytest.raises(FileNotFoundError, match="no VAE or autoencoder checkpoint at"):
         vae.load_vae(tmp_path / "missing.safetensors")
 
 
@@ -229,8 +237,8 @@ def test_cli_trains_and_saves_a_loadable_model(tmp_path):
 
     out = tmp_path / "cli.safetensors"
     main(["train", "vae", "--steps", "3", "--train-images", "16", "--batch-size", "4", "--width", "8",
-          "--latent-dim", "2", "--fp16", "--out", str(out)])
+          "--latent-dim", "2", "--log-every", "1", "--fp16", "--out", str(out)])
     model = vae.load_vae(out)
     assert isinstance(model, VAE) and model.config.latent_dim == 2
-    assert vae.checkpoint_metadata(out)["step"] == "3"
+    assert checkpoint.read_metadata(out)["step"] == 3
     assert len(vae.checkpoint_history(out)["kl"]) == 3

@@ -1,0 +1,78 @@
+"""The package's imports run one way: no cycles, and model modules never import the engine or the CLI."""
+
+import ast
+from pathlib import Path
+
+import dalle_lesson
+
+PACKAGE = Path(dalle_lesson.__file__).parent
+MODEL_MODULES = ["vae", "dvae", "openai_dvae", "vqvae", "bpe", "attention", "dalle", "sampling"]
+ABOVE_THE_MODELS = {"train", "stages", "cli", "pipeline"}
+
+
+def package_imports(module: str) -> set[str]:
+    """Every ``dalle_lesson`` module that ``module`` imports, anywhere in the file (functions too)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dalle_lesson"):
+            if node.module == "dalle_lesson":
+                found |= {alias.name for alias in node.names}
+            else:
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("dalle_lesson.")}
+    return found - {module}
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = [p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__")]
+    return {module: package_imports(module) & set(modules) for module in modules}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A list of modules that import each other in a circle, or None (depth-first search)."""
+    state, path = {}, []
+
+    def visit(node):
+        state[node], _ = "open", path.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := visit(target)):
+                return cycle
+        state[node], _ = "done", path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+def test_no_import_cycle_in_the_package():
+    assert find_cycle(import_graph()) is None, find_cycle(import_graph())
+
+
+def test_model_modules_import_neither_the_engine_nor_the_cli():
+    graph = import_graph()
+    for module in MODEL_MODULES:
+        assert not graph[module] & ABOVE_THE_MODELS, (module, graph[module] & ABOVE_THE_MODELS)
+
+
+def test_every_parser_lives_in_cli():
+    for path in PACKAGE.glob("*.py"):
+        if path.stem != "cli":
+            assert "argparse" not in path.read_text(), f"{path.name} builds a parser; parsers belong in cli.py"
+
+
+def test_the_package_map_lists_every_module():
+    text = dalle_lesson.__doc__
+    for path in PACKAGE.glob("*.py"):
+        if path.stem not in ("__init__", "__main__"):
+            assert path.stem in text, f"dalle_lesson/__init__.py's map does not mention {path.stem}"
