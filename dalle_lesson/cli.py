@@ -264,8 +264,7 @@ def _build_dalle(args, recipe):
     config.text_vocab_size = tokenizer.vocab_size
     progress = int(os.environ.get("RANK", "0")) == 0
     dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
-    name = f"{args.dataset}-train-{len(dataset)}-{args.image_size}" if args.dataset != "folder" else \
-        stages.folder_codes_name(args.folder, len(dataset), args.image_size)
+    name = stages.codes_cache_name(dataset, f"{args.dataset}-train")
     codes, captions = stages.cached_codes(dataset, name, args.dvae, args.cache_dir, progress=progress)
     config.image_size = codes.shape[-1]  # the dVAE decides the grid
     text_ids = tokenize_batch(tokenizer, captions, config.text_seq_len)
@@ -335,6 +334,8 @@ def _add_train(commands) -> None:
                        help="fraction of captions replaced by the empty caption (for classifier-free guidance)")
     dalle.set_defaults(run=_train, build=_build_dalle)
 
+    _add_train_clip(stage_parsers)
+
     bpe = _parser(stage_parsers, "bpe", "lesson 03: a byte-level BPE tokenizer (its merges file)")
     bpe.add_argument("--vocab-size", type=positive_int, default=1024, help="512 byte symbols + merges")
     bpe.add_argument("--corpus", default="course", choices=["course", "shapes"],
@@ -343,6 +344,13 @@ def _add_train(commands) -> None:
     bpe.add_argument("--out", required=True, help="the merges file to write")
     bpe.add_argument("--force", action="store_true", help="replace an existing --out (the shipped one too)")
     bpe.set_defaults(run=_train_bpe)
+
+
+# ---- train clip (lesson 06) ---------------------------------------------------------------
+
+
+def _add_train_clip(stage_parsers) -> None:
+    """``train clip``: the course's small CLIP (lesson 06). Filled in with the CLIP stage."""
 
 
 def _train_bpe(args: argparse.Namespace) -> None:

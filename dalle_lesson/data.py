@@ -16,6 +16,7 @@ and ``caption`` is a ``str``. So every later lesson works on any of them.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import importlib.resources
 import math
 import operator
@@ -458,7 +459,6 @@ class EmojiDataset(Dataset):
         self.names = [row[2] for row in rows]
         self.image_size = image_size
         self._sheets: dict[int, Image.Image] = {}
-        self._per_sheet = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -607,6 +607,15 @@ class ImageFolderDataset(Dataset):
                 f"no usable image-caption pairs in {self.root}: put image files (e.g. cat.jpg) next "
                 f"to caption files with the same name (cat.txt). Skipped: {self.skip_counts}"
             )
+
+    def fingerprint(self) -> str:
+        """A digest of what the data is: every pair's file name, size, modification time and
+        caption, and the image size. Change any image or caption and it changes."""
+        digest = hashlib.sha256(str(self.image_size).encode())
+        for path, caption in self.items:
+            stat = path.stat()
+            digest.update(f"{path.relative_to(self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{caption}\0".encode())
+        return digest.hexdigest()[:16]
 
     @property
     def skip_counts(self) -> dict[str, int]:

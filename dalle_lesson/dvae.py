@@ -288,6 +288,13 @@ class DiscreteVAE(nn.Module):
             )
         if not images.is_floating_point():
             raise ValueError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+        if images.numel() and images.device.type != "meta":
+            low, high = images.min().item(), images.max().item()  # NaN makes both NaN
+            if not (0.0 <= low and high <= 1.0):
+                raise ValueError(
+                    f"images must have values in [0, 1], got values from {low:.4g} to {high:.4g}; divide 0..255 "
+                    "images by 255, map -1..1 images with x * 0.5 + 0.5, and check for NaN"
+                )
 
     def check_codes(self, codes: torch.Tensor) -> None:
         c = self.config

@@ -120,6 +120,8 @@ def cached_codes(dataset, name: str, dvae_path: str | Path | None = None, cache_
     path = cache_dir / f"codes-{name}-dvae{_file_digest(dvae_file)}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)  # tensors and strings only: no code runs
+        if progress:
+            print(f"reusing the codes cached in {path}")
         return saved["codes"], saved["captions"]
     codes, captions = encode_dataset(load_dvae(dvae_file, device=device), dataset, device=device, progress=progress)
     atomic_write(path, lambda temporary: torch.save({"codes": codes, "captions": captions}, temporary))
@@ -132,10 +134,12 @@ def shapes_codes(split: str, length: int, image_size: int = 32, dvae_path=None, 
     return cached_codes(dataset, f"shapes-{split}-{length}-{image_size}", dvae_path, cache_dir, progress=progress)
 
 
-def folder_codes_name(folder: str | Path, count: int, image_size: int) -> str:
-    """The cache name of a folder dataset's codes."""
-    digest = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:8]
-    return f"folder{digest}-{count}-{image_size}"
+def codes_cache_name(dataset, name: str) -> str:
+    """The cache name of a dataset's codes: for a folder, a digest of its files and captions
+    (so replacing images or captions never reuses stale codes); else ``name-count-size``."""
+    if isinstance(dataset, data.ImageFolderDataset):
+        return f"folder-{dataset.fingerprint()}-{len(dataset)}"
+    return f"{name}-{len(dataset)}-{dataset.image_size}"
 
 
 # --------------------------------------------------------------------------------------

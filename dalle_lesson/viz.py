@@ -58,17 +58,19 @@ def save_grid(images, path: str, captions: Sequence[str] | None = None, **kwargs
 
 
 def plot_curve(values: Sequence[float], title: str = "", xlabel: str = "step", ylabel: str = "loss",
-               smooth: int = 1, ax=None, label: str | None = None):
-    """A training curve, optionally smoothed by a running mean over ``smooth`` points."""
+               smooth: int = 1, ax=None, label: str | None = None, steps: Sequence[int] | None = None):
+    """A training curve, optionally smoothed by a running mean over ``smooth`` points.
+
+    ``steps``: the step of each value (a training log's ``"step"`` column); default 0, 1, 2, ...
+    """
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 3))
     values = torch.as_tensor(list(values), dtype=torch.float64)
+    steps = torch.as_tensor(list(steps) if steps is not None else range(len(values)))
     if smooth > 1 and len(values) >= smooth:
         kernel = torch.ones(smooth, dtype=torch.float64) / smooth
         values = torch.nn.functional.conv1d(values.view(1, 1, -1), kernel.view(1, 1, -1)).flatten()
-        steps = torch.arange(smooth - 1, smooth - 1 + len(values))
-    else:
-        steps = torch.arange(len(values))
+        steps = steps[smooth - 1 :]
     ax.plot(steps.numpy(), values.numpy(), label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     if label:

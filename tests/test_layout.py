@@ -76,3 +76,23 @@ def test_the_package_map_lists_every_module():
     for path in PACKAGE.glob("*.py"):
         if path.stem not in ("__init__", "__main__"):
             assert path.stem in text, f"dalle_lesson/__init__.py's map does not mention {path.stem}"
+
+
+def recorded_commands() -> list[str]:
+    """Every ``dalle-lesson ...`` command in data/README.md's code blocks, continuation lines joined."""
+    import re
+
+    text = (PACKAGE.parent / "data" / "README.md").read_text()
+    blocks = re.findall(r"```\n(.*?)```", text, flags=re.S)
+    joined = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]
+    return [line.split("dalle-lesson", 1)[1].split() for line in joined if "dalle-lesson " in line]
+
+
+def test_every_recorded_command_in_data_readme_parses():
+    from dalle_lesson.cli import build_parser
+
+    commands = recorded_commands()
+    assert len(commands) >= 6
+    for words in commands:
+        args = build_parser().parse_args(words)  # exits (fails the test) on an unknown flag
+        assert args.out.startswith("data/")
