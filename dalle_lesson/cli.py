@@ -79,11 +79,12 @@ def check_output_path(out: str, force: bool = False, resume: bool = False) -> Pa
 def _generate(args: argparse.Namespace) -> None:
     from dalle_lesson.pipeline import Pipeline
 
-    out = Path(args.out)
+    out = check_output_path(args.out, force=True)
     if not out.suffix:
         out = out.with_suffix(".png")
         print(f"--out has no extension; writing {out}")
     check_output_path(str(out), force=True)
+    out.parent.mkdir(parents=True, exist_ok=True)  # before sampling, so the images are never lost
     pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
     result = pipeline(args.caption, num_images=args.num_images, temperature=args.temperature, top_k=args.top_k,
                       top_p=args.top_p, guidance_scale=args.guidance, seed=args.seed, progress=True)
@@ -350,7 +351,57 @@ def _add_train(commands) -> None:
 
 
 def _add_train_clip(stage_parsers) -> None:
-    """``train clip``: the course's small CLIP (lesson 06). Filled in with the CLIP stage."""
+    """``train clip``: the course's small CLIP (lesson 06)."""
+    clip = _parser(stage_parsers, "clip", "lesson 06: a small CLIP (open_clip's model and loss) on captioned images")
+    add_core_arguments(clip, "clip", ["lesson"], "clip.safetensors")
+    add_dataset_arguments(clip, image_size=32)
+    clip.add_argument("--emoji", action="store_true", help="with --dataset shapes: mix in the emoji and their names")
+    clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                      help="pair every shapes scene with a copy that differs in one attribute, in the same batch")
+    clip.add_argument("--train-images", type=positive_int, default=30_000, help="shapes images (scenes + twins)")
+    clip.add_argument("--val-images", type=int, default=1000, help="test-split shapes images for validation")
+    for flag, what in (("--embed-dim", "the shared embedding"), ("--patch-size", "image patches (pixels)"),
+                       ("--vision-width", "the image transformer"),
+                       ("--vision-layers", "image transformer layers"), ("--text-width", "the text transformer"),
+                       ("--text-layers", "text transformer layers")):
+        clip.add_argument(flag, type=int, default=0, help=f"override the preset's size of {what}")
+    clip.set_defaults(run=_train, build=_build_clip)
+
+
+def _build_clip(args, recipe):
+    from dalle_lesson import clip
+
+    names = ("embed_dim", "patch_size", "vision_width", "vision_layers", "text_width", "text_layers")
+    config = clip.CLIPConfig.lesson(image_size=args.image_size,
+                                    **{name: getattr(args, name) for name in names if getattr(args, name)})
+    if args.text_width and not args.text_width % 32:
+        config.text_heads = args.text_width // 32  # heads of 32, as in the preset
+    config.__post_init__()
+    if args.emoji and args.dataset != "shapes":
+        raise ValueError("--emoji mixes the emoji into --dataset shapes; to train on emoji alone use --dataset emoji")
+    pairs = args.hard_negatives and args.dataset != "folder"
+    if args.dataset == "shapes" and pairs:
+        train = clip.hard_negative_pairs(max(1, args.train_images // 2), config.image_size, "train")
+    elif args.dataset == "shapes":
+        dataset = stages.make_dataset("shapes", config.image_size, "train", length=args.train_images)
+        keys = [clip.scene_key(dataset.scene(i)) for i in range(len(dataset))]
+        images = stages.preload_images(dataset, len(dataset))
+        train = clip.ScenePairs(images, [dataset.caption(i) for i in range(len(dataset))], keys, [])
+    elif args.dataset == "emoji":
+        train = clip.emoji_pairs(config.image_size)
+    else:
+        dataset = stages.make_dataset("folder", config.image_size, "train", args.folder)
+        captions = [caption for _, caption in dataset.items]
+        train = clip.ScenePairs(stages.preload_images(dataset, len(dataset)), captions, captions, [])
+    if args.emoji:
+        emoji = clip.emoji_pairs(config.image_size)
+        train = clip.ScenePairs.join(train, emoji if pairs else clip.ScenePairs(emoji.images, emoji.captions,
+                                                                                 emoji.keys, []))
+    validation = None
+    if args.dataset == "shapes" and args.val_images >= 2:
+        validation = clip.hard_negative_pairs(args.val_images // 2, config.image_size, "test")
+    return stages.clip_stage(clip.CourseCLIP(config), train.images, train.captions, validation, keys=train.keys,
+                             pairs=pairs)
 
 
 def _train_bpe(args: argparse.Namespace) -> None:

@@ -21,7 +21,7 @@ import torch
 from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
 from dalle_lesson.dalle import DALLE, load_dalle
 from dalle_lesson.dvae import DiscreteVAE, load_dvae
-from dalle_lesson.sampling import check_sampling_settings, generate
+from dalle_lesson.sampling import check_memory, check_sampling_settings, generate
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Pipeline:
             raise ValueError(f"num_images must be a whole number >= 1, got {num_images!r}")
         check_sampling_settings(sampling.get("temperature", 1.0), sampling.get("top_k"), sampling.get("top_p"),
                                 sampling.get("guidance_scale"), self.model.config.image_vocab_size)
+        check_memory(self.model.config, len(captions) * num_images, sampling.get("guidance_scale") is not None,
+                     self.model.head.weight.device)  # before tokenizing a huge batch
         text_ids = self.tokenize(captions).repeat_interleave(num_images, dim=0)  # each caption, num_images times
         codes = generate(self.model, text_ids, **sampling)
         images = self.dvae.decode(codes.to(next(self.dvae.parameters()).device)).cpu()

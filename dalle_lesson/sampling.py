@@ -108,7 +108,13 @@ def filter_logits(
 ) -> torch.Tensor:
     """Temperature, then top-k, then top-p: the logits we actually sample from (fp32)."""
     check_sampling_settings(temperature, top_k, top_p, vocab_size=logits.shape[-1])
-    logits = logits.float() / temperature
+    logits = logits.float()
+    if not torch.isfinite(logits).all():
+        raise ValueError("the logits hold NaN or infinity, so no code can be drawn from them: the model's "
+                         "weights are broken (reload or retrain the checkpoint)")
+    # Shift each row so its largest logit is 0, then divide: the same distribution, and a tiny
+    # temperature sends every other logit to -inf (greedy) instead of overflowing to inf - inf = NaN.
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k is not None:
         logits = top_k_filter(logits, top_k)
     if top_p is not None and top_p < 1:
@@ -137,6 +143,10 @@ def draw_from(probabilities: torch.Tensor, generator: torch.Generator | None = N
     costs more on a CPU than the rest of a sampling step's arithmetic after the head.
     """
     running_sum = probabilities.cumsum(dim=-1)
+    total = running_sum[:, -1]
+    if not (torch.isfinite(total) & (total > 0)).all():
+        raise ValueError("every row of probabilities must be finite with a positive sum; got NaN, infinity "
+                         "or an all-zero row (check the logits and the sampling settings)")
     uniform = torch.rand(probabilities.shape[0], 1, generator=generator, device=probabilities.device,
                          dtype=running_sum.dtype)
     # 1 - uniform lies in (0, 1], so the point lies in (0, total]: past every zero-probability
@@ -153,7 +163,11 @@ def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale:
     Written this way (not ``unconditional + scale * (...)``) so that ``scale = 1`` returns
     the conditional logits exactly, bit for bit.
     """
-    return conditional + (scale - 1) * (conditional - unconditional)
+    guided = conditional + (scale - 1) * (conditional - unconditional)
+    if not torch.isfinite(guided).all():
+        raise ValueError(f"guidance_scale={scale:g} makes the guided logits overflow float32; "
+                         "use a scale between 0 and about 10 (3 is typical)")
+    return guided
 
 
 def image_head(model) -> torch.Tensor:
@@ -185,6 +199,42 @@ def empty_text_ids(config, batch_size: int, device=None) -> torch.Tensor:
     """The empty caption: every text position holds its own padding id. LongTensor[B, T]."""
     padding = config.text_vocab_size + torch.arange(config.text_seq_len, device=device)
     return padding.repeat(batch_size, 1)
+
+
+def sampling_memory_bytes(config, batch_size: int, guided: bool = False) -> int:
+    """About how many bytes :func:`generate` needs for ``batch_size`` images (fp32).
+
+    The key/value cache holds 2 x layers x streams x n x d_model numbers, and the prefill
+    of the caption holds a few [streams, n, d_model] activations and one layer's
+    [streams, heads, n, n] attention scores at a time. With guidance every caption has a
+    second, empty-caption stream.
+    """
+    streams = batch_size * (2 if guided else 1)
+    n, d = config.seq_len, config.d_model
+    cache = 2 * config.n_layers * streams * n * d
+    activations = 8 * streams * n * d + streams * config.n_heads * n * n
+    return 4 * (cache + activations)
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device`` (MemAvailable on Linux for the CPU); None when unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(config, batch_size: int, guided: bool, device: torch.device) -> None:
+    """Refuse, before allocating anything, a batch of images that would not fit in memory."""
+    needed, free = sampling_memory_bytes(config, batch_size, guided), available_memory_bytes(device)
+    if free is not None and needed > free:
+        raise ValueError(f"drawing {batch_size} images at once needs about {needed / 2**30:.1f} GiB, but only "
+                         f"{free / 2**30:.1f} GiB is free on {device.type}; ask for fewer images at a time")
 
 
 # --------------------------------------------------------------------------------------
@@ -260,6 +310,7 @@ def generate(
     text_ids = text_ids.to(device)
     model.check_text(text_ids)
     batch_size = text_ids.shape[0]
+    check_memory(c, batch_size, guidance_scale is not None, device)
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
 

@@ -187,6 +187,16 @@ def test_wrong_image_size_or_channels_names_the_expected_shape():
         model.encode(torch.rand(3, 16, 16))
 
 
+@pytest.mark.parametrize("images, what", [
+    (torch.rand(1, 3, 16, 16) * 255, "0..255"), (torch.rand(1, 3, 16, 16) * 2 - 1, "-1..1"),
+    (torch.full((1, 3, 16, 16), float("nan")), "NaN"),
+])
+def test_pixels_outside_zero_one_are_refused(images, what):
+    model = DiscreteVAE(small_config())
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*divide 0..255 images by 255"):
+        model.encode(images)
+
+
 def test_codes_outside_the_vocabulary_are_refused():
     model = DiscreteVAE(small_config())
     with pytest.raises(ValueError, match=r"\[0, 31\]"):

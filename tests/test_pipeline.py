@@ -17,7 +17,7 @@ from dalle_lesson.cli import main
 from dalle_lesson.dalle import DALLE, DALLEConfig, save_dalle
 from dalle_lesson.dvae import DiscreteVAE, DVAEConfig, save_dvae
 from dalle_lesson.pipeline import Pipeline, sample_figure, sampling_panel
-from dalle_lesson.sampling import generate
+from dalle_lesson.sampling import generate, sampling_memory_bytes
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,39 @@ def test_generate_command_explains_bad_settings(checkpoints, tmp_path):
         main(["generate", "a red circle", "--temperature", "0", *common])
     with pytest.raises(SystemExit, match="no DALL·E checkpoint"):
         main(["generate", "a red circle", "--model", str(tmp_path / "missing.safetensors")])
+
+
+def test_generate_checks_its_output_before_sampling(checkpoints, tmp_path, monkeypatch, capsys):
+    from dalle_lesson import pipeline as pipeline_module
+
+    common = ["--model", str(checkpoints[0]), "--dvae", str(checkpoints[1]), "--num-images", "1"]
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(pipeline_module, "generate", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    with pytest.raises(SystemExit, match="cannot write in"):
+        main(["generate", "a red circle", *common, "--out", str(tmp_path / "a_file" / "grid.png")])
+    with pytest.raises(SystemExit, match="is a directory"):
+        main(["generate", "a red circle", *common, "--out", str(tmp_path)])
+    monkeypatch.undo()
+    main(["generate", "a red circle", *common, "--out", str(tmp_path / "new" / "folder" / "grid")])
+    assert "writing " in capsys.readouterr().out and (tmp_path / "new" / "folder" / "grid.png").is_file()
+
+
+def test_a_request_that_cannot_fit_in_memory_is_refused_at_once(pipeline, monkeypatch):
+    from dalle_lesson import sampling
+
+    monkeypatch.setattr(sampling, "available_memory_bytes", lambda device: 2**30)  # 1 GiB free
+    needed = sampling.sampling_memory_bytes(pipeline.model.config, 100_000, guided=True)
+    assert needed > 2**30
+    with pytest.raises(ValueError, match=r"drawing 100000 images at once needs about .* GiB, but only 1.0 GiB"):
+        pipeline("a red circle", num_images=100_000, guidance_scale=3.0)
+    assert len(pipeline("a red circle", num_images=2, seed=0).images) == 2  # small requests still work
+
+
+def test_the_memory_estimate_is_not_below_the_cache_it_allocates(pipeline):
+    config = pipeline.model.config
+    cache = pipeline.model.new_cache(4)
+    cache_bytes = sum(t.numel() * t.element_size() for t in (cache.keys, cache.values))
+    assert cache_bytes <= sampling_memory_bytes(config, 4) <= 10 * cache_bytes + 10 * 2**20
 
 
 def test_loaders_default_to_the_shipped_files():

@@ -337,3 +337,32 @@ def test_wrong_text_shape_is_refused():
     model = small_model("paper")
     with pytest.raises(ValueError, match=r"LongTensor\[batch, 6\]"):
         generate(model, torch.zeros(2, 4, dtype=torch.long))
+
+
+# ---- extreme settings never return a code outside the vocabulary --------------------------
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1e-38), dict(temperature=1e-30, top_p=1e-9), dict(temperature=1e38), dict(temperature=1e30, top_k=1),
+    dict(temperature=1e-38, guidance_scale=5.0), dict(guidance_scale=0.0), dict(top_p=1e-12),
+])
+def test_extreme_settings_still_give_codes_inside_the_vocabulary(settings):
+    model = small_model()
+    codes = generate(model, captions(model), seed=0, **settings)
+    assert codes.min() >= 0 and codes.max() < model.config.image_vocab_size
+
+
+def test_a_tiny_temperature_is_greedy():
+    model = small_model()
+    text = captions(model)
+    assert torch.equal(generate(model, text, temperature=1e-38, seed=0), generate(model, text, top_k=1, seed=1))
+
+
+def test_overflowing_guidance_and_broken_logits_are_clear_errors():
+    model = small_model()
+    with pytest.raises(ValueError, match="guidance_scale=1e\\+38 makes the guided logits overflow"):
+        generate(model, captions(model), guidance_scale=1e38, seed=0)
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        filter_logits(torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="finite with a positive sum"):
+        draw_from(torch.tensor([[float("nan"), 0.5], [0.0, 0.0]]))

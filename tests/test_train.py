@@ -368,3 +368,25 @@ def test_the_transformer_stage_rejects_mismatched_data():
         dalle_stage(model, text, codes[:, :2])
     with pytest.raises(ValueError, match="captions"):
         dalle_stage(model, text[:3], codes)
+
+
+def test_a_folder_whose_captions_change_is_encoded_again(tmp_path, tiny_dvae):
+    """Same file count, new captions: the cache must not hand back the old ones."""
+    from PIL import Image
+
+    from dalle_lesson.data import ImageFolderDataset
+    from dalle_lesson.stages import codes_cache_name
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name, colour in (("a", "red"), ("b", "blue")):
+        Image.new("RGB", (32, 32), colour).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"a {colour} square")
+    first = ImageFolderDataset(folder, image_size=32)
+    _, captions = cached_codes(first, codes_cache_name(first, "x"), tiny_dvae, tmp_path / "cache", progress=False)
+    assert captions == ["a red square", "a blue square"]
+    (folder / "a.txt").write_text("a crimson square")
+    second = ImageFolderDataset(folder, image_size=32)
+    assert codes_cache_name(second, "x") != codes_cache_name(first, "x")
+    _, captions = cached_codes(second, codes_cache_name(second, "x"), tiny_dvae, tmp_path / "cache", progress=False)
+    assert captions == ["a crimson square", "a blue square"]
