@@ -42,6 +42,9 @@ RECIPES = {
     # lesson 04: the paper's AdamW (betas 0.9 / 0.96, decay 4.5e-2 on matrices), clip 4
     "dalle": Recipe(steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=4.5e-2, beta2=0.96,
                     grad_clip=4.0, eval_every=250, save_every=250),
+    # lesson 06: CLIP's AdamW (betas 0.9 / 0.98, decay 0.1 on matrices), warm-up, clip 1
+    "clip": Recipe(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,
+                   weight_decay=0.1, beta2=0.98, grad_clip=1.0, eval_every=250, save_every=250),
 }
 
 
