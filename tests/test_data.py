@@ -497,3 +497,13 @@ def test_cli_data_grid_writes_a_png(tmp_path):
     main(["data-grid", "--dataset", "shapes", "--image-size", "32", "--count", "4", "--out", str(out)])
     with Image.open(out) as grid:
         assert grid.size[0] > 100 and grid.size[1] > 50
+
+
+@pytest.mark.parametrize("flags, message", [(["--count", "0"], "must be at least 1"),
+                                            (["--seed", str(2**64)], "must lie in 0 .. 2**32 - 1")])
+def test_cli_data_grid_refuses_nonsense_in_one_line(flags, message, capsys):
+    from dalle_lesson.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["data-grid", *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
