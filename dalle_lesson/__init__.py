@@ -9,6 +9,7 @@
     dalle        the transformer over [text ; image] and its 1/8 + 7/8 loss               lesson 04
     sampling     token by token with a KV cache; temperature, top-k, top-p, guidance      lesson 05
     pipeline     caption -> tokens -> codes -> pixels, the whole thing                    lesson 05
+    clip         a small CLIP (open_clip's model and loss): zero-shot, reranking         lesson 06
     evaluate     the scorer: reads a Shapes picture against its caption, per attribute  lesson 06
     openai_dvae  OpenAI's released dVAE weights, read without running pickled code        lesson 07
 

@@ -85,18 +85,23 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"--out has no extension; writing {out}")
     check_output_path(str(out), force=True)
     out.parent.mkdir(parents=True, exist_ok=True)  # before sampling, so the images are never lost
-    pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer)
-    result = pipeline(args.caption, num_images=args.num_images, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, guidance_scale=args.guidance, seed=args.seed, progress=True)
+    pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer,
+                             clip_path=args.clip)
+    result = pipeline(args.caption, num_images=args.num_images, candidates=args.candidates,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance,
+                      seed=args.seed, progress=True)
     result.save_grid(out)
-    print(f"wrote {args.num_images} images for {args.caption!r} to {out}")
+    reranked = f", CLIP's best of {args.candidates}" if args.candidates else ""
+    print(f"wrote {args.num_images} images for {args.caption!r}{reranked} to {out}")
 
 
 def _add_generate(commands) -> None:
     parser = _parser(commands, "generate", "caption -> BPE -> transformer sampling -> dVAE decode -> an image grid",
                      "Draw images for a caption with the shipped checkpoints (or your own) and save a captioned grid.")
     parser.add_argument("caption", help='the caption, e.g. "a small red circle above a big blue square"')
-    parser.add_argument("--num-images", type=positive_int, default=8, help="how many images to draw")
+    parser.add_argument("--num-images", type=positive_int, default=8, help="how many images to keep")
+    parser.add_argument("--candidates", type=positive_int, default=None,
+                        help="draw this many and keep the --num-images that the course CLIP scores best")
     parser.add_argument("--out", default="grid.png", help="where to save the grid (PNG)")
     parser.add_argument("--temperature", type=float, default=1.0, help="> 0; 1 = the model's distribution")
     parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes each step")
@@ -106,6 +111,7 @@ def _add_generate(commands) -> None:
     parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped tiny model)")
     parser.add_argument("--dvae", default=None, help="a dVAE checkpoint (default: the shipped lesson dVAE)")
     parser.add_argument("--tokenizer", default=None, help="a BPE merges file (default: the course tokenizer)")
+    parser.add_argument("--clip", default=None, help="a CLIP checkpoint for --candidates (default: the shipped one)")
     parser.set_defaults(run=_generate)
 
 
@@ -358,7 +364,10 @@ def _add_train_clip(stage_parsers) -> None:
     clip.add_argument("--emoji", action="store_true", help="with --dataset shapes: mix in the emoji and their names")
     clip.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                       help="pair every shapes scene with a copy that differs in one attribute, in the same batch")
-    clip.add_argument("--train-images", type=positive_int, default=30_000, help="shapes images (scenes + twins)")
+    clip.add_argument("--swap-weights", type=float, nargs=4, default=[1.0, 2.0, 1.0, 8.0],
+                      metavar=("COLOUR", "SHAPE", "SIZE", "RELATION"),
+                      help="how often a twin differs in each attribute (relations only where there are two objects)")
+    clip.add_argument("--train-images", type=positive_int, default=40_000, help="shapes images (scenes + twins)")
     clip.add_argument("--val-images", type=int, default=1000, help="test-split shapes images for validation")
     for flag, what in (("--embed-dim", "the shared embedding"), ("--patch-size", "image patches (pixels)"),
                        ("--vision-width", "the image transformer"),
@@ -379,29 +388,31 @@ def _build_clip(args, recipe):
     config.__post_init__()
     if args.emoji and args.dataset != "shapes":
         raise ValueError("--emoji mixes the emoji into --dataset shapes; to train on emoji alone use --dataset emoji")
-    pairs = args.hard_negatives and args.dataset != "folder"
+    pairs = args.hard_negatives and args.dataset != "folder"  # examples 2k, 2k + 1: a scene and its twin
     if args.dataset == "shapes" and pairs:
-        train = clip.hard_negative_pairs(max(1, args.train_images // 2), config.image_size, "train")
+        part = clip.hard_negative_pairs(max(1, args.train_images // 2), config.image_size, "train",
+                                        weights=args.swap_weights)
+        images, captions, keys = part.images, part.captions, part.keys
     elif args.dataset == "shapes":
         dataset = stages.make_dataset("shapes", config.image_size, "train", length=args.train_images)
-        keys = [clip.scene_key(dataset.scene(i)) for i in range(len(dataset))]
         images = stages.preload_images(dataset, len(dataset))
-        train = clip.ScenePairs(images, [dataset.caption(i) for i in range(len(dataset))], keys, [])
+        captions = [dataset.caption(i) for i in range(len(dataset))]
+        keys = [clip.scene_key(dataset.scene(i)) for i in range(len(dataset))]
     elif args.dataset == "emoji":
-        train = clip.emoji_pairs(config.image_size)
+        part = clip.emoji_pairs(config.image_size)
+        images, captions, keys = part.images, part.captions, part.keys
     else:
         dataset = stages.make_dataset("folder", config.image_size, "train", args.folder)
-        captions = [caption for _, caption in dataset.items]
-        train = clip.ScenePairs(stages.preload_images(dataset, len(dataset)), captions, captions, [])
-    if args.emoji:
+        images = stages.preload_images(dataset, len(dataset))
+        captions = keys = [caption for _, caption in dataset.items]
+    if args.emoji:  # after an even number of shapes examples, so pairs stay pairs
         emoji = clip.emoji_pairs(config.image_size)
-        train = clip.ScenePairs.join(train, emoji if pairs else clip.ScenePairs(emoji.images, emoji.captions,
-                                                                                 emoji.keys, []))
+        images, captions, keys = torch.cat([images, emoji.images]), captions + emoji.captions, keys + emoji.keys
     validation = None
     if args.dataset == "shapes" and args.val_images >= 2:
-        validation = clip.hard_negative_pairs(args.val_images // 2, config.image_size, "test")
-    return stages.clip_stage(clip.CourseCLIP(config), train.images, train.captions, validation, keys=train.keys,
-                             pairs=pairs)
+        # every kind of difference about equally often: relations exist only in two-object scenes
+        validation = clip.hard_negative_pairs(args.val_images // 2, config.image_size, "test", weights=(1, 1, 1, 3))
+    return stages.clip_stage(clip.CourseCLIP(config), images, captions, validation, keys=keys, pairs=pairs)
 
 
 def _train_bpe(args: argparse.Namespace) -> None:

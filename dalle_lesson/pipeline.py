@@ -6,19 +6,21 @@ Three trained parts, each from its own lesson, joined here::
     result = pipeline("a red circle", num_images=8, seed=0)
     result.images                                    # FloatTensor[8, 3, 32, 32] in [0, 1]
     result.save_grid("grid.png")                     # a captioned grid
+    best = pipeline("a red circle", num_images=4, candidates=32)   # CLIP keeps its 4 favourites of 32
 
 ``dalle-lesson generate "a red circle" --out grid.png`` runs exactly this.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
+from dalle_lesson.clip import clip_scores, load_clip
 from dalle_lesson.dalle import DALLE, load_dalle
 from dalle_lesson.dvae import DiscreteVAE, load_dvae
 from dalle_lesson.sampling import check_memory, check_sampling_settings, generate
@@ -31,6 +33,7 @@ class Generation:
     images: torch.Tensor  # [N, 3, S, S] in [0, 1]
     codes: torch.Tensor  # [N, H, W] image codes
     captions: list[str]
+    scores: torch.Tensor | None = None  # [N] CLIP's score of each image, when candidates were reranked
 
     def save_grid(self, path: str | Path, ncols: int | None = None) -> str:
         """Save the images with their captions as a PNG grid (``dalle_lesson.viz.save_grid``)."""
@@ -49,6 +52,8 @@ class Pipeline:
     tokenizer: BPETokenizer
     model: DALLE
     dvae: DiscreteVAE
+    clip_path: str | Path | None = None  # the CLIP that reranks candidates (None: the shipped one)
+    _clip: object = field(default=None, repr=False)
 
     def __post_init__(self):
         c, d = self.model.config, self.dvae.config
@@ -62,18 +67,32 @@ class Pipeline:
 
     @classmethod
     def load(cls, model_path: str | Path | None = None, dvae_path: str | Path | None = None,
-             tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu") -> "Pipeline":
-        """Load the three parts; ``None`` means the checkpoint shipped in ``data/``."""
+             tokenizer_path: str | Path | None = None, device: str | torch.device = "cpu",
+             clip_path: str | Path | None = None) -> "Pipeline":
+        """Load the parts; ``None`` means the checkpoint shipped in ``data/`` (CLIP is loaded
+        only when candidates are reranked)."""
         tokenizer = BPETokenizer.load(tokenizer_path) if tokenizer_path is not None else load_course_tokenizer()
-        return cls(tokenizer, load_dalle(model_path, device=device), load_dvae(dvae_path, device=device))
+        return cls(tokenizer, load_dalle(model_path, device=device), load_dvae(dvae_path, device=device), clip_path)
+
+    @property
+    def clip(self):
+        """The course CLIP, loaded the first time candidates are reranked."""
+        if self._clip is None:
+            self._clip = load_clip(self.clip_path, device=self.model.head.weight.device)
+        return self._clip
 
     def tokenize(self, captions: Sequence[str]) -> torch.Tensor:
         """Captions -> LongTensor[B, text_seq_len]; too long ones are cut with a warning."""
         return tokenize_batch(self.tokenizer, list(captions), self.model.config.text_seq_len)
 
-    def __call__(self, captions: str | Sequence[str], num_images: int = 8, **sampling) -> Generation:
+    def __call__(self, captions: str | Sequence[str], num_images: int = 8, candidates: int | None = None,
+                 **sampling) -> Generation:
         """Draw ``num_images`` images for each caption (``sampling``: the options of
-        :func:`dalle_lesson.sampling.generate`, e.g. ``temperature``, ``top_k``, ``seed``)."""
+        :func:`dalle_lesson.sampling.generate`, e.g. ``temperature``, ``top_k``, ``seed``).
+
+        With ``candidates=N``, draw N images per caption and keep the ``num_images`` that the
+        course CLIP scores best, best first (the paper draws 512 and keeps CLIP's favourites).
+        """
         if isinstance(captions, str):
             captions = [captions]
         captions = list(captions)
@@ -81,14 +100,29 @@ class Pipeline:
             raise ValueError("give at least one caption (an empty string \"\" is fine: it means no caption)")
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be a whole number >= 1, got {num_images!r}")
+        if candidates is not None and (isinstance(candidates, bool) or not isinstance(candidates, int)
+                                       or candidates < num_images):
+            raise ValueError(f"candidates must be a whole number >= num_images ({num_images}), got {candidates!r}")
+        draws = candidates or num_images
         check_sampling_settings(sampling.get("temperature", 1.0), sampling.get("top_k"), sampling.get("top_p"),
                                 sampling.get("guidance_scale"), self.model.config.image_vocab_size)
-        check_memory(self.model.config, len(captions) * num_images, sampling.get("guidance_scale") is not None,
+        check_memory(self.model.config, len(captions) * draws, sampling.get("guidance_scale") is not None,
                      self.model.head.weight.device)  # before tokenizing a huge batch
-        text_ids = self.tokenize(captions).repeat_interleave(num_images, dim=0)  # each caption, num_images times
+        text_ids = self.tokenize(captions).repeat_interleave(draws, dim=0)  # each caption, `draws` times
         codes = generate(self.model, text_ids, **sampling)
         images = self.dvae.decode(codes.to(next(self.dvae.parameters()).device)).cpu()
-        return Generation(images, codes.cpu(), [caption for caption in captions for _ in range(num_images)])
+        repeated = [caption for caption in captions for _ in range(num_images)]
+        if candidates is None:
+            return Generation(images, codes.cpu(), repeated)
+        kept, scores = [], []
+        for i, caption in enumerate(captions):  # rerank each caption's candidates
+            group = slice(i * draws, (i + 1) * draws)
+            caption_scores = clip_scores(self.clip, images[group], caption)
+            best = torch.argsort(caption_scores, descending=True, stable=True)[:num_images]
+            kept.append(best + i * draws)
+            scores.append(caption_scores[best])
+        kept = torch.cat(kept)
+        return Generation(images[kept], codes.cpu()[kept], repeated, torch.cat(scores))
 
 
 # --------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ RECIPES = {
     "dalle": Recipe(steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=4.5e-2, beta2=0.96,
                     grad_clip=4.0, eval_every=250, save_every=250),
     # lesson 06: CLIP's AdamW (betas 0.9 / 0.98, decay 0.1 on matrices), warm-up, clip 1
-    "clip": Recipe(steps=2000, batch_size=64, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,
+    "clip": Recipe(steps=5000, batch_size=64, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,
                    weight_decay=0.1, beta2=0.98, grad_clip=1.0, eval_every=250, save_every=250),
 }
 
@@ -230,3 +230,45 @@ def dalle_stage(model: DALLE, text_ids: torch.Tensor, codes: torch.Tensor, pad_i
                  num_examples=len(codes), validate=validate, decay_only_matrices=True,
                  metadata={"caption_dropout": caption_dropout})
 
+
+def clip_stage(model, images: torch.Tensor, captions: list[str], validation=None, keys: list[str] | None = None,
+               pairs: bool = False) -> Stage:
+    """Lesson 06: CLIP's contrastive loss over batches of (image, caption) pairs.
+
+    ``images``: uint8 ``[N, 3, S, S]``; ``captions``: N strings, tokenized once here.
+    ``keys``: what each example means (``dalle_lesson.clip.scene_key``; default: its caption);
+    a batch never holds two examples of one meaning, since each would be the other's wrong
+    answer although it is right. ``pairs``: examples ``2k`` and ``2k + 1`` differ in one
+    attribute (``dalle_lesson.clip.hard_negative_pairs``) and always share a batch.
+    ``validation``: ``(images, captions, keys)``, or a ``ScenePairs`` (then one-attribute
+    accuracy is measured too); it reports the contrastive loss and retrieval accuracy.
+    """
+    from dalle_lesson.clip import ScenePairs, distinct_batch, evaluate_clip
+
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    if pairs and len(images) % 2:
+        raise ValueError("with pairs, the examples come two by two: give an even number")
+    model.check_images(_as_float(images[:1]))
+    tokens = model.tokenize(captions)  # [N, context_length]
+    keys = list(keys) if keys is not None else list(captions)
+    names = {name: k for k, name in enumerate(dict.fromkeys(keys))}
+    groups = torch.tensor([names[key] for key in keys])  # [N] meaning ids
+    unit = 2 if pairs else 1
+
+    def batch(indices):
+        chosen = distinct_batch(indices, groups, unit)
+        return images[chosen], tokens[chosen]
+
+    def loss(model, batch, step):
+        images, tokens = batch
+        return model.training_loss(_as_float(images), tokens)
+
+    validate = None
+    if validation is not None:
+        extra = {"pairs": True, "attributes": validation.attributes} if isinstance(validation, ScenePairs) else {}
+        if extra:
+            validation = (validation.images, validation.captions, validation.keys)
+        validate = lambda model: evaluate_clip(model, *validation, **extra)  # noqa: E731
+    return Stage(model, loss, batch=batch, num_examples=len(images), validate=validate, decay_only_matrices=True,
+                 metadata={"pairs": pairs, "meanings": len(names)})

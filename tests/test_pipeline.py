@@ -191,3 +191,45 @@ def test_sampling_panel_button_calls_the_function(pipeline, monkeypatch):
     caption_box.value, top_k.value = "", 0
     button.click()  # the empty caption and "all codes" work too
     assert calls[-1] == (pipeline, "", 0.5, 0, 3, 4)
+
+
+# ---- candidates, reranked by CLIP ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_path(tmp_path_factory):
+    from dalle_lesson.clip import CLIPConfig, CourseCLIP, save_clip
+
+    torch.manual_seed(0)
+    config = CLIPConfig.lesson(vision_width=32, vision_layers=1, text_width=32, text_layers=1, text_heads=1,
+                               embed_dim=16)
+    return save_clip(CourseCLIP(config), tmp_path_factory.mktemp("clip") / "clip.safetensors")
+
+
+def test_candidates_keep_clips_favourites_best_first(checkpoints, clip_path):
+    from dalle_lesson.clip import clip_scores, load_clip
+
+    pipeline = Pipeline.load(model_path=checkpoints[0], dvae_path=checkpoints[1], clip_path=clip_path)
+    everything = pipeline(["a red circle", "a big blue star"], num_images=6, seed=4)  # 6 candidates each
+    best = pipeline(["a red circle", "a big blue star"], num_images=2, candidates=6, seed=4)
+    assert best.images.shape == (4, 3, 32, 32) and best.captions == ["a red circle"] * 2 + ["a big blue star"] * 2
+    clip = load_clip(clip_path)
+    for i, caption in enumerate(["a red circle", "a big blue star"]):  # an independent recomputation
+        scores = clip_scores(clip, everything.images[6 * i: 6 * i + 6], caption)
+        top = scores.argsort(descending=True)[:2]
+        assert torch.equal(best.images[2 * i: 2 * i + 2], everything.images[6 * i + top])
+        assert torch.equal(best.codes[2 * i: 2 * i + 2], everything.codes[6 * i + top])
+        torch.testing.assert_close(best.scores[2 * i: 2 * i + 2], scores[top])
+    assert best.scores[0] >= best.scores[1] and best.scores[2] >= best.scores[3]
+
+
+def test_candidates_must_cover_the_images_kept(pipeline):
+    with pytest.raises(ValueError, match="candidates must be a whole number >= num_images"):
+        pipeline("a red circle", num_images=4, candidates=2)
+
+
+def test_generate_command_reranks_candidates(checkpoints, clip_path, tmp_path, capsys):
+    out = tmp_path / "best.png"
+    main(["generate", "a red circle", "--num-images", "2", "--candidates", "4", "--out", str(out),
+          "--model", str(checkpoints[0]), "--dvae", str(checkpoints[1]), "--clip", str(clip_path)])
+    assert "CLIP's best of 4" in capsys.readouterr().out and out.is_file()

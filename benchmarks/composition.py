@@ -1,0 +1,159 @@
+"""Does the picture match the caption? The course pipeline measured with the course scorer.
+
+For a fixed, seeded set of captions from the training distribution (the test split: the
+same attribute mix as training, other scenes) and from the held-out split (shape-colour
+pairs never seen in training), draw 64 candidates per caption and score every one with
+``dalle_lesson.evaluate``. Then, for N = 1, 4, 16 and 64 (the first N candidates):
+
+* ``one sample`` (N = 1) and ``CLIP best of N``: the candidate the course CLIP ranks first;
+* ``oracle best of N``: any of the N fully matches (what a perfect reranker would get);
+* ``dVAE round trip``: the true scene rendered, encoded and decoded by the dVAE, then
+  scored (the ceiling for any transformer that draws through this dVAE).
+
+Each rate comes with a 95 % Wilson interval; one- and two-object captions are reported
+apart. Timing: seconds per image for sampling (with decoding) and for CLIP scoring.
+
+    python benchmarks/composition.py                 # 200 captions per split (about 15-20 min)
+    python benchmarks/composition.py --captions 20   # a quick look
+
+Writes benchmarks/results/composition.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from dalle_lesson import evaluate
+from dalle_lesson.clip import clip_scores, load_clip
+from dalle_lesson.data import ShapesDataset, pil_to_tensor, render_scene
+from dalle_lesson.pipeline import Pipeline
+
+CANDIDATE_COUNTS = (1, 4, 16, 64)
+RESULTS = Path(__file__).parent / "results" / "composition.json"
+
+
+def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a rate (better than p ± 2 sd near 0 and 1)."""
+    if total == 0:
+        return (float("nan"), float("nan"))
+    p = successes / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return (round(centre - half, 4), round(centre + half, 4))
+
+
+def rate(flags: list[bool]) -> dict:
+    return {"rate": round(sum(flags) / len(flags), 4) if flags else None, "n": len(flags),
+            "ci95": wilson(sum(flags), len(flags))}
+
+
+def benchmark_split(pipeline: Pipeline, clip, split: str, count: int, seed: int, max_n: int, timing: dict) -> dict:
+    """Score every candidate of ``count`` captions of ``split``; return the per-caption records."""
+    dataset = ShapesDataset(length=count, image_size=32, split=split, seed=seed)
+    records = []
+    for i in tqdm(range(count), desc=f"{split} captions"):
+        scene, caption = dataset.scene(i), dataset.caption(i)
+        start = time.perf_counter()
+        generation = pipeline(caption, num_images=max_n, seed=seed * 100_003 + i)
+        timing["sampling_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        scores = clip_scores(clip, generation.images, caption)  # [max_n]
+        timing["clip_s"] += time.perf_counter() - start
+        timing["images"] += max_n
+        judged = evaluate.score_batch(generation.images, [caption] * max_n)
+        truth = pil_to_tensor(render_scene(scene, 32))[None]
+        round_trip = pipeline.dvae.decode(pipeline.dvae.encode(truth))[0]
+        records.append({
+            "caption": caption, "objects": len(scene.objects), "clip_scores": scores.tolist(),
+            "full_match": [bool(s.full_match) for s in judged], "scorable": judged[0].scorable,
+            "attributes": [attribute_flags(s) for s in judged],
+            "dvae_round_trip": bool(evaluate.score(round_trip, caption).full_match),
+        })
+    return records
+
+
+def attribute_flags(score) -> dict:
+    objects = score.objects
+    return {"colour": all(o.colour for o in objects), "shape": all(o.shape for o in objects),
+            "size": all(o.size for o in objects), "relation": score.relation, "count": score.count}
+
+
+def summarize(records: list[dict]) -> dict:
+    """Rates for N = 1, 4, 16, 64: CLIP's pick, the oracle, and the dVAE ceiling."""
+    records = [r for r in records if r["scorable"]]
+    out = {"captions": len(records), "dvae_round_trip": rate([r["dvae_round_trip"] for r in records])}
+    for n in CANDIDATE_COUNTS:
+        picks = [max(range(n), key=lambda k: r["clip_scores"][k]) for r in records]
+        out[f"clip_best_of_{n}"] = rate([r["full_match"][k] for r, k in zip(records, picks)])
+        out[f"oracle_best_of_{n}"] = rate([any(r["full_match"][:n]) for r in records])
+        if n in (1, 16):
+            for attribute in ("colour", "shape", "size", "relation", "count"):
+                flags = [r["attributes"][k][attribute] for r, k in zip(records, picks)]
+                out[f"clip_best_of_{n}_{attribute}"] = rate([f for f in flags if f is not None])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--captions", type=int, default=200, help="captions per split")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipeline, clip = Pipeline.load(), load_clip()
+    max_n = max(CANDIDATE_COUNTS)
+    timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
+    results = {}
+    for label, split in (("training distribution", "test"), ("held-out combinations", "heldout")):
+        records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max_n, timing)
+        results[label] = {"all": summarize(records),
+                          "one object": summarize([r for r in records if r["objects"] == 1]),
+                          "two objects": summarize([r for r in records if r["objects"] == 2])}
+    report = {
+        "benchmark": "composition", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        "settings": {"captions_per_split": args.captions, "seed": args.seed, "candidates": max_n,
+                     "sampling": "temperature 1, no top-k / top-p, no guidance (the CLI defaults)",
+                     "checkpoints": "the shipped tokenizer, tiny DALL·E, lesson dVAE and lesson CLIP"},
+        "units": "rates are fractions of captions whose chosen picture fully matches (every object's colour, "
+                 "shape, size, the relation, no extra object); ci95 = 95% Wilson interval",
+        "sampling_s_per_image": round(timing["sampling_s"] / timing["images"], 5),
+        "clip_rerank_s_per_image": round(timing["clip_s"] / timing["images"], 5),
+        "results": results,
+    }
+    report["rerank_over_sampling_time"] = round(report["clip_rerank_s_per_image"] / report["sampling_s_per_image"], 4)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+
+
+def table(report: dict) -> str:
+    def cell(entry):
+        return f"{entry['rate']:.0%} [{entry['ci95'][0]:.0%}, {entry['ci95'][1]:.0%}]" if entry["rate"] is not None else "-"
+
+    lines = ["| captions | group | " + " | ".join(f"CLIP best of {n} (oracle)" for n in CANDIDATE_COUNTS)
+             + " | dVAE round trip |", "|" + " --- |" * (3 + len(CANDIDATE_COUNTS))]
+    for label, groups in report["results"].items():
+        for group, s in groups.items():
+            cells = [f"{cell(s[f'clip_best_of_{n}'])} ({s[f'oracle_best_of_{n}']['rate']:.0%})" for n in CANDIDATE_COUNTS]
+            lines.append(f"| {label} | {group} (n={s['captions']}) | " + " | ".join(cells)
+                         + f" | {cell(s['dvae_round_trip'])} |")
+    lines.append(f"\nsampling {report['sampling_s_per_image'] * 1000:.1f} ms/image, CLIP scoring "
+                 f"{report['clip_rerank_s_per_image'] * 1000:.2f} ms/image "
+                 f"({report['rerank_over_sampling_time']:.1%} of sampling)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
