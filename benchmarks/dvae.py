@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from dalle_lesson.data import EmojiDataset, ShapesDataset, shipped_path
-from dalle_lesson.dvae import DiscreteVAE, DVAEConfig, codebook_usage, load_dvae, psnr, read_checkpoint_metadata
+from dalle_lesson.checkpoint import read_metadata
+from dalle_lesson.dvae import DiscreteVAE, DVAEConfig, codebook_usage, load_dvae, psnr
 
 
 def images_of(dataset, count: int) -> torch.Tensor:
@@ -96,10 +97,10 @@ def main() -> None:
 
     path = args.checkpoint or shipped_path("dvae_lesson.safetensors")
     model = load_dvae(path)
-    metadata = read_checkpoint_metadata(path)
+    metadata = read_metadata(path)
     lesson = {"checkpoint": os.path.basename(str(path)), "config": metadata["config"],
               "train_steps": metadata.get("step"), "train_seconds": metadata.get("train_seconds"),
-              "train_settings": metadata.get("settings")}
+              "train_recipe": metadata.get("recipe"), "train_schedule": metadata.get("schedule")}
     # The same held-out images score both the dVAE and the VQ-VAE.
     shapes = {split: images_of(ShapesDataset(length=args.images, image_size=model.config.image_size, split=split,
                                              seed=1), args.images) for split in ("test", "heldout")}
@@ -112,12 +113,12 @@ def main() -> None:
     else:
         lesson["emoji"] = reconstruction_scores(model, images_of(emoji, len(emoji)))
 
-    from dalle_lesson.vqvae import checkpoint_metadata, load_vqvae
+    from dalle_lesson.vqvae import load_vqvae
 
     vq_path = args.vqvae or shipped_path("vqvae_lesson.safetensors")
-    vq_model, vq_metadata = load_vqvae(vq_path), checkpoint_metadata(vq_path)
+    vq_model, vq_metadata = load_vqvae(vq_path), read_metadata(vq_path)
     vq = {"checkpoint": os.path.basename(str(vq_path)), "train_steps": vq_metadata.get("step"),
-          "train_seconds": vq_metadata.get("train_seconds"), "train_settings": vq_metadata.get("settings")}
+          "train_seconds": vq_metadata.get("train_seconds"), "train_recipe": vq_metadata.get("recipe")}
     for split, images in shapes.items():
         vq[f"shapes_{split}"] = reconstruction_scores(vq_model, images)
 

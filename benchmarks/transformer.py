@@ -61,14 +61,21 @@ def training_throughput(variants=(("dense", "paper"), ("sparse", "paper"), ("den
     during the run hits them all alike; medians of ``repeats`` steps each.
     """
     from dalle_lesson.dalle import DALLE, DALLEConfig
-    from dalle_lesson.train import TrainSettings, make_optimizer
+    from dalle_lesson.stages import RECIPES
+    from dalle_lesson.train import parameter_groups
+
+    recipe = RECIPES["dalle"]
+
+    def make_optimizer(model):  # the engine's optimiser for the transformer stage
+        groups = parameter_groups(model, recipe.weight_decay, decay_only_matrices=True)
+        return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
 
     runs = []
     for attention, masks in variants:
         torch.manual_seed(0)
         config = DALLEConfig.tiny(attention=attention, masks=masks)
         model = DALLE(config).train()
-        runs.append((model, make_optimizer(model, TrainSettings()), []))
+        runs.append((model, make_optimizer(model), []))
     text = torch.randint(0, config.text_vocab_total, (batch_size, config.text_seq_len))
     codes = torch.randint(0, config.image_vocab_size, (batch_size, config.image_size, config.image_size))
     for step in range(warmup + repeats):
