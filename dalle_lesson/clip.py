@@ -36,8 +36,8 @@ deal with that:
   That is also what a reranker of DALL·E samples has to do.
 * **False negatives.** Two different scenes can share a meaning ("a red circle" drawn at two
   places, or said as "a little red circle"). In the table above the second would count as a
-  wrong answer although it is right. :func:`scene_key` names a scene's meaning, and the
-  training stage never puts two examples with the same meaning into one batch;
+  wrong answer although it is right. :func:`scene_key` names a scene's meaning, and
+  :func:`distinct_batch` never puts two examples with the same meaning into one batch;
   :meth:`CourseCLIP.training_loss` reports how many identical captions a batch still had.
 
 The model is open_clip's own ``CLIP`` class (a vision transformer and a text transformer),
