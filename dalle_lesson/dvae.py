@@ -288,6 +288,11 @@ class DiscreteVAE(nn.Module):
             )
         if not images.is_floating_point():
             raise ValueError(f"images must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+
+    @staticmethod
+    def check_pixel_range(images: torch.Tensor) -> None:
+        """Refuse pixels outside [0, 1] (0..255, -1..1, NaN). Called by :meth:`encode`, not in the
+        training step: reading the min and max waits for the device every time."""
         if images.numel() and images.device.type != "meta":
             low, high = images.min().item(), images.max().item()  # NaN makes both NaN
             if not (0.0 <= low and high <= 1.0):
@@ -319,6 +324,7 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, S, S]`` in [0, 1] -> codes ``LongTensor[B, h, w]`` (argmax of the logits)."""
+        self.check_pixel_range(images)
         return self.logits(images).argmax(dim=1)
 
     def stats_to_images(self, stats: torch.Tensor) -> torch.Tensor:

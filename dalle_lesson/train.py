@@ -37,7 +37,7 @@ import os
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -387,7 +387,3 @@ def summary(log: list[dict], out: str | Path | None) -> str:
     where = f"saved {out}: " if out is not None else ""
     return where + ", ".join(parts)
 
-
-def recipe_fields() -> list[str]:
-    """The recipe's field names, in order (the CLI makes one flag of each)."""
-    return [f.name for f in fields(Recipe)]
