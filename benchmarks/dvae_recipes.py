@@ -21,7 +21,7 @@ Per checkpoint and split it reports
   with it), the parameter count and the training time from the checkpoint's header.
 
 ``train`` builds the candidates the ``dalle-lesson train dvae`` CLI cannot express (it has
-no flag for ``group_count``, so no 16x16 grid at 32x32, and none for ``n_blk_per_group``)
+no flag for ``n_blk_per_group``; the grid it sets with ``--grid-size``)
 with the same pieces the CLI uses: ``DVAEConfig``, ``stages.dvae_stage`` and ``train.fit``.
 
 The scorer is tuned for the Shapes renders at 32 px and reads 64 px too
@@ -68,11 +68,7 @@ def candidate_config(args: argparse.Namespace) -> DVAEConfig:
     """The lesson preset with the study's changes: grid size (via group_count), width, codebook."""
     config = DVAEConfig.lesson()
     config.image_size = args.image_size
-    # Each encoder group but the last halves the image, so grid = image / 2**(group_count - 1).
-    halvings = (args.image_size // args.grid).bit_length() - 1
-    if args.grid * 2**halvings != args.image_size:
-        raise ValueError(f"--grid {args.grid} must be --image-size {args.image_size} divided by a power of two")
-    config.group_count = halvings + 1
+    config.group_count = DVAEConfig.group_count_for(args.image_size, args.grid)
     config.vocab_size, config.n_hid = args.vocab_size, args.n_hid
     config.n_blk_per_group, config.likelihood = args.blocks, args.likelihood
     config.__post_init__()

@@ -233,25 +233,15 @@ def _shapes_validation(args, image_size: int):
                                  args.val_images)
 
 
-def group_count_for(image_size: int, grid_size: int) -> int:
-    """The dVAE's ``group_count`` that turns ``image_size`` pixels into a ``grid_size`` grid:
-    every encoder group but the last halves the image. ``group_count_for(32, 16) == 2``."""
-    halvings = (image_size // grid_size).bit_length() - 1 if 1 <= grid_size <= image_size else -1
-    if halvings < 0 or grid_size * 2**halvings != image_size:
-        raise ValueError(f"--grid-size {grid_size} must be the image size {image_size} divided by a power "
-                         f"of two (e.g. {image_size // 2} or {image_size // 4})")
-    return halvings + 1
-
-
 def _build_dvae(args, recipe):
-    from dalle_lesson.dvae import PRESETS, DiscreteVAE, DVAESchedule
+    from dalle_lesson.dvae import PRESETS, DiscreteVAE, DVAEConfig, DVAESchedule
 
     config = PRESETS[args.preset]()
     for name in ("image_size", "vocab_size", "n_hid", "likelihood"):
         if getattr(args, name):
             setattr(config, name, getattr(args, name))
     if args.grid_size:
-        config.group_count = group_count_for(config.image_size, args.grid_size)
+        config.group_count = DVAEConfig.group_count_for(config.image_size, args.grid_size)
     config.__post_init__()
     schedule = DVAESchedule(tau_end=args.tau_end, tau_steps=args.tau_steps, beta_max=args.beta,
                             beta_steps=args.beta_steps, hard_from=args.hard_from)

@@ -73,6 +73,16 @@ class DVAEConfig:
         """Side of the grid of codes (32 in the paper, 8 in the lesson)."""
         return self.image_size // self.downsample
 
+    @staticmethod
+    def group_count_for(image_size: int, grid_size: int) -> int:
+        """The ``group_count`` that turns ``image_size`` pixels into a ``grid_size`` grid: every
+        encoder group but the last halves the image. ``DVAEConfig.group_count_for(32, 16) == 2``."""
+        halvings = (image_size // grid_size).bit_length() - 1 if 1 <= grid_size <= image_size else -1
+        if halvings < 0 or grid_size * 2**halvings != image_size:
+            raise ValueError(f"grid size {grid_size} must be the image size {image_size} divided by a power "
+                             f"of two (e.g. {image_size // 2} or {image_size // 4})")
+        return halvings + 1
+
     @classmethod
     def lesson(cls) -> "DVAEConfig":
         """32x32 shapes -> 8x8 codes from a 512-code vocabulary; trains on one CPU core.

@@ -276,17 +276,17 @@ def test_cli_train_dvae(tmp_path):
 
 
 def test_cli_train_dvae_grid_size(tmp_path):
-    from dalle_lesson.cli import group_count_for, main
+    from dalle_lesson.cli import main
 
     out = tmp_path / "grid16.safetensors"
     main(["train", "dvae", "--n-hid", "8", "--vocab-size", "16", "--grid-size", "16", "--steps", "1",
           "--batch-size", "2", "--train-images", "4", "--val-images", "0", "--out", str(out)])
     model = load_dvae(out)
     assert model.config.grid_size == 16 and model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 16, 16)
-    assert [group_count_for(32, g) for g in (32, 16, 8, 4)] == [1, 2, 3, 4]
+    assert [DVAEConfig.group_count_for(32, g) for g in (32, 16, 8, 4)] == [1, 2, 3, 4]
     for bad in (12, 64, 0):
         with pytest.raises(ValueError, match="power of two"):
-            group_count_for(32, bad)
+            DVAEConfig.group_count_for(32, bad)
 
 
 # ---- the shipped lesson checkpoint -----------------------------------------------------
