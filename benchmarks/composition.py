@@ -13,8 +13,12 @@ pairs never seen in training), draw 64 candidates per caption and score every on
 Each rate comes with a 95 % Wilson interval; one- and two-object captions are reported
 apart. Timing: seconds per image for sampling (with decoding) and for CLIP scoring.
 
-    python benchmarks/composition.py                 # 200 captions per split (about 15-20 min)
+    python benchmarks/composition.py                 # 200 captions per split, the pipeline's default sampling
     python benchmarks/composition.py --captions 20   # a quick look
+    python benchmarks/composition.py --temperature 1 --top-k none --guidance none   # plain sampling
+
+``--model`` / ``--dvae`` score other checkpoints (default: the shipped ones); the sampling
+settings default to ``dalle_lesson.pipeline.SAMPLING_DEFAULTS``, those of the CLI.
 
 Writes benchmarks/results/composition.json and prints a table.
 """
@@ -35,7 +39,8 @@ from tqdm.auto import tqdm
 from dalle_lesson import evaluate
 from dalle_lesson.clip import clip_scores, load_clip
 from dalle_lesson.data import ShapesDataset, pil_to_tensor, render_scene
-from dalle_lesson.pipeline import Pipeline
+from dalle_lesson.cli import optional_number
+from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
 
 CANDIDATE_COUNTS = (1, 4, 16, 64)
 RESULTS = Path(__file__).parent / "results" / "composition.json"
@@ -56,14 +61,16 @@ def rate(flags: list[bool]) -> dict:
             "ci95": wilson(sum(flags), len(flags))}
 
 
-def benchmark_split(pipeline: Pipeline, clip, split: str, count: int, seed: int, max_n: int, timing: dict) -> dict:
-    """Score every candidate of ``count`` captions of ``split``; return the per-caption records."""
+def benchmark_split(pipeline: Pipeline, clip, split: str, count: int, seed: int, max_n: int, timing: dict,
+                    sampling: dict | None = None) -> list[dict]:
+    """Score every candidate of ``count`` captions of ``split``; return the per-caption records.
+    ``sampling``: the options of :func:`dalle_lesson.sampling.generate` (temperature, top_k, ...)."""
     dataset = ShapesDataset(length=count, image_size=32, split=split, seed=seed)
     records = []
     for i in tqdm(range(count), desc=f"{split} captions"):
         scene, caption = dataset.scene(i), dataset.caption(i)
         start = time.perf_counter()
-        generation = pipeline(caption, num_images=max_n, seed=seed * 100_003 + i)
+        generation = pipeline(caption, num_images=max_n, seed=seed * 100_003 + i, **(sampling or {}))
         timing["sampling_s"] += time.perf_counter() - start
         start = time.perf_counter()
         scores = clip_scores(clip, generation.images, caption)  # [max_n]
@@ -87,11 +94,11 @@ def attribute_flags(score) -> dict:
             "size": all(o.size for o in objects), "relation": score.relation, "count": score.count}
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], counts: tuple[int, ...] = CANDIDATE_COUNTS) -> dict:
     """Rates for N = 1, 4, 16, 64: CLIP's pick, the oracle, and the dVAE ceiling."""
     records = [r for r in records if r["scorable"]]
     out = {"captions": len(records), "dvae_round_trip": rate([r["dvae_round_trip"] for r in records])}
-    for n in CANDIDATE_COUNTS:
+    for n in counts:
         picks = [max(range(n), key=lambda k: r["clip_scores"][k]) for r in records]
         out[f"clip_best_of_{n}"] = rate([r["full_match"][k] for r, k in zip(records, picks)])
         out[f"oracle_best_of_{n}"] = rate([any(r["full_match"][:n]) for r in records])
@@ -108,14 +115,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped one)")
+    parser.add_argument("--dvae", default=None, help="its dVAE (default: the shipped one)")
+    add_sampling_arguments(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipeline, clip = Pipeline.load(), load_clip()
+    pipeline, clip = Pipeline.load(model_path=args.model, dvae_path=args.dvae), load_clip()
+    sampling = sampling_from(args)
     max_n = max(CANDIDATE_COUNTS)
     timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
     results = {}
     for label, split in (("training distribution", "test"), ("held-out combinations", "heldout")):
-        records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max_n, timing)
+        records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max_n, timing, sampling)
         results[label] = {"all": summarize(records),
                           "one object": summarize([r for r in records if r["objects"] == 1]),
                           "two objects": summarize([r for r in records if r["objects"] == 2])}
@@ -124,8 +135,9 @@ def main() -> None:
         "torch_version": torch.__version__,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
         "settings": {"captions_per_split": args.captions, "seed": args.seed, "candidates": max_n,
-                     "sampling": "temperature 1, no top-k / top-p, no guidance (the CLI defaults)",
-                     "checkpoints": "the shipped tokenizer, tiny DALL·E, lesson dVAE and lesson CLIP"},
+                     "sampling": sampling,
+                     "checkpoints": {"dalle": args.model or "shipped", "dvae": args.dvae or "shipped",
+                                     "tokenizer": "shipped", "clip": "shipped"}},
         "units": "rates are fractions of captions whose chosen picture fully matches (every object's colour, "
                  "shape, size, the relation, no extra object); ci95 = 95% Wilson interval",
         "sampling_s_per_image": round(timing["sampling_s"] / timing["images"], 5),
@@ -136,6 +148,17 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --guidance, as in ``dalle-lesson generate`` ("none" = off)."""
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    parser.add_argument("--top-k", type=optional_number(int), default=SAMPLING_DEFAULTS["top_k"])
+    parser.add_argument("--guidance", type=optional_number(float), default=SAMPLING_DEFAULTS["guidance_scale"])
+
+
+def sampling_from(args: argparse.Namespace) -> dict:
+    return {"temperature": args.temperature, "top_k": args.top_k or None, "guidance_scale": args.guidance}
 
 
 def table(report: dict) -> str:

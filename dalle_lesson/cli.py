@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dalle_lesson import stages
+from dalle_lesson.pipeline import SAMPLING_DEFAULTS
 from dalle_lesson.train import Recipe, TrainingDiverged, fit, seed_everything, summary
 
 
@@ -38,6 +39,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def optional_number(kind):
+    """argparse type: a number of ``kind``, or ``none`` (the option switched off)."""
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def seed_int(text: str) -> int:
@@ -88,8 +97,8 @@ def _generate(args: argparse.Namespace) -> None:
     pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer,
                              clip_path=args.clip)
     result = pipeline(args.caption, num_images=args.num_images, candidates=args.candidates,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, guidance_scale=args.guidance,
-                      seed=args.seed, progress=True)
+                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
+                      guidance_scale=args.guidance, seed=args.seed, progress=True)
     result.save_grid(out)
     reranked = f", CLIP's best of {args.candidates}" if args.candidates else ""
     print(f"wrote {args.num_images} images for {args.caption!r}{reranked} to {out}")
@@ -103,10 +112,15 @@ def _add_generate(commands) -> None:
     parser.add_argument("--candidates", type=positive_int, default=None,
                         help="draw this many and keep the --num-images that the course CLIP scores best")
     parser.add_argument("--out", default="grid.png", help="where to save the grid (PNG)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="> 0; 1 = the model's distribution")
-    parser.add_argument("--top-k", type=int, default=None, help="keep only the k most likely codes each step")
-    parser.add_argument("--top-p", type=float, default=None, help="keep the most likely codes holding this mass")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (e.g. 3)")
+    # The defaults are the best measured settings (SAMPLING_DEFAULTS); "none" switches one off.
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"],
+                        help="> 0; 1 = the model's distribution")
+    parser.add_argument("--top-k", type=optional_number(int), default=SAMPLING_DEFAULTS["top_k"],
+                        help="keep only the k most likely codes each step; none or 0 = every code")
+    parser.add_argument("--top-p", type=optional_number(float), default=None,
+                        help="keep the most likely codes holding this mass")
+    parser.add_argument("--guidance", type=optional_number(float), default=SAMPLING_DEFAULTS["guidance_scale"],
+                        help="classifier-free guidance scale (e.g. 3); none = plain sampling")
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped tiny model)")
     parser.add_argument("--dvae", default=None, help="a dVAE checkpoint (default: the shipped lesson dVAE)")

@@ -120,7 +120,8 @@ class DALLEConfig:
 
     @classmethod
     def tiny(cls, **overrides) -> "DALLEConfig":
-        """The CPU lesson model: 4 layers of width 256 over 32 text tokens + 8x8 codes."""
+        """The CPU lesson model: 4 layers of width 256 over 32 text tokens + 8x8 codes (training
+        on the shipped dVAE's codes sets ``image_size`` to its 16x16 grid)."""
         return cls(**{**dict(d_model=256, n_layers=4, n_heads=8, text_seq_len=32, text_vocab_size=1024,
                              image_size=8, image_vocab_size=512), **overrides})
 

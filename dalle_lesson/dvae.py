@@ -19,7 +19,9 @@ released ones (``blocks.group_1.block_1.res_path.conv_1``...) so that
 :func:`dalle_lesson.openai_dvae.load_openai_dvae` can read OpenAI's weights directly.
 
 Presets: :meth:`DVAEConfig.lesson` (32x32 shapes -> 8x8 codes from 512, trains on a CPU) and
-:meth:`DVAEConfig.paper` (256x256 -> 32x32 codes from 8192).
+:meth:`DVAEConfig.paper` (256x256 -> 32x32 codes from 8192). The shipped lesson dVAE is the
+lesson preset with a 16x16 grid and width 48 (``--grid-size 16 --n-hid 48``): at 8x8 small
+shapes lose their outlines (lesson 02 and data/README.md give the measurements).
 """
 
 from __future__ import annotations
@@ -88,7 +90,9 @@ class DVAEConfig:
         """32x32 shapes -> 8x8 codes from a 512-code vocabulary; trains on one CPU core.
 
         Squared error instead of the logit-Laplace likelihood: on a short CPU budget it reaches
-        a higher PSNR (the lesson compares both).
+        a higher PSNR (the lesson compares both). The shipped checkpoint overrides two sizes:
+        ``DVAEConfig(**{**asdict(DVAEConfig.lesson()), "group_count": 2, "n_hid": 48})``
+        draws a 16x16 grid, which keeps small shapes.
         """
         return cls(image_size=32, vocab_size=512, n_hid=32, n_init=64, group_count=3, n_blk_per_group=1,
                    likelihood="mse")
@@ -401,7 +405,7 @@ class DVAESchedule:
 
     ``tau_steps`` / ``beta_steps``: how long each anneals (None: two thirds and one seventh
     of the run). After ``hard_from`` (a fraction of the run) the codes are straight-through
-    one-hot. The defaults are the shipped lesson checkpoint's.
+    one-hot. The defaults are the shipped lesson checkpoint's, except that it used ``hard_from=0.5``.
     """
 
     tau_start: float = 1.0

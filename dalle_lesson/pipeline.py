@@ -25,6 +25,12 @@ from dalle_lesson.dalle import DALLE, load_dalle
 from dalle_lesson.dvae import DiscreteVAE, load_dvae
 from dalle_lesson.sampling import check_memory, check_sampling_settings, generate
 
+# The sampling settings that drew the best pictures with the shipped checkpoints
+# (benchmarks/sampling_settings.py, chosen on training-distribution captions, reported on
+# held-out ones). The CLI and notebook 00 use them; ``Pipeline.__call__`` itself samples from the
+# model's own distribution unless told otherwise, so ``pipeline(caption, **SAMPLING_DEFAULTS)``.
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "guidance_scale": None}
+
 
 @dataclass
 class Generation:

@@ -40,7 +40,7 @@ RECIPES = {
                    weight_decay=1e-4, grad_clip=1.0, save_every=200),
     "vqvae": Recipe(steps=3600, batch_size=32, lr=2e-3, final_lr_fraction=0.01, save_every=500),
     # lesson 04: the paper's AdamW (betas 0.9 / 0.96, decay 4.5e-2 on matrices), clip 4
-    "dalle": Recipe(steps=1200, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=4.5e-2, beta2=0.96,
+    "dalle": Recipe(steps=1500, batch_size=32, lr=1e-3, warmup_steps=100, weight_decay=4.5e-2, beta2=0.96,
                     grad_clip=4.0, eval_every=250, save_every=250),
     # lesson 06: CLIP's AdamW (betas 0.9 / 0.98, decay 0.1 on matrices), warm-up, clip 1
     "clip": Recipe(steps=5000, batch_size=64, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,

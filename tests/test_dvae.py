@@ -293,17 +293,23 @@ def test_cli_train_dvae_grid_size(tmp_path):
 
 
 def test_shipped_lesson_dvae_reconstructs_held_out_shapes():
+    """The shipped dVAE's round trip keeps what a caption says: scored by the course scorer
+    (1000 held-out scenes when it was chosen: 98.9 % fully right; the 8x8 dVAE before it: 75 %)."""
     from dalle_lesson.data import ShapesDataset
+    from dalle_lesson.evaluate import score_batch
 
     model = load_dvae()
-    assert model.config.image_size == 32 and model.config.vocab_size == 512 and model.config.grid_size == 8
+    assert model.config.image_size == 32 and model.config.vocab_size == 512 and model.config.grid_size == 16
     dataset = ShapesDataset(length=64, image_size=32, split="heldout", seed=123)
     images = torch.stack([dataset[i][0] for i in range(64)])
     codes = model.encode(images)
-    assert codes.shape == (64, 8, 8)
-    score = psnr(model.decode(codes), images).mean().item()
-    assert score >= 28.0, f"held-out PSNR {score:.2f} dB"
-    assert math.isfinite(score)
+    assert codes.shape == (64, 16, 16)
+    round_trips = model.decode(codes)
+    score = psnr(round_trips, images).mean().item()
+    assert score >= 34.0, f"held-out PSNR {score:.2f} dB"
+    verdicts = score_batch(round_trips, [dataset.caption(i) for i in range(64)])
+    fully_right = sum(v.full_match for v in verdicts)
+    assert fully_right >= 60, f"only {fully_right} of 64 round trips keep every attribute of the caption"
 
 
 # ---- the VQ-VAE beside it --------------------------------------------------------------

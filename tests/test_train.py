@@ -291,7 +291,7 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "dalle", "--help"])
     text = capsys.readouterr().out
-    assert "(default: 1200)" in text and "(default: 0.001)" in text and "--resume" in text
+    assert "(default: 1500)" in text and "(default: 0.001)" in text and "--resume" in text
 
 
 # ---- the paper's sizes run through the same engine ------------------------------------------
