@@ -29,7 +29,7 @@ from dalle_lesson.sampling import check_memory, check_sampling_settings, generat
 # (benchmarks/sampling_settings.py, chosen on training-distribution captions, reported on
 # held-out ones). The CLI and notebook 00 use them; ``Pipeline.__call__`` itself samples from the
 # model's own distribution unless told otherwise, so ``pipeline(caption, **SAMPLING_DEFAULTS)``.
-SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": None, "guidance_scale": None}
+SAMPLING_DEFAULTS = {"temperature": 0.8, "top_k": None, "guidance_scale": 2.0}
 
 
 @dataclass

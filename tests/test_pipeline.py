@@ -106,6 +106,28 @@ def test_generate_command_writes_a_grid(checkpoints, tmp_path, capsys):
         assert image.format == "PNG" and image.width > 100 and image.height > 100
 
 
+def test_generate_samples_with_the_measured_defaults_and_none_switches_them_off(checkpoints, tmp_path, monkeypatch):
+    """The CLI's defaults are SAMPLING_DEFAULTS, the winner that benchmarks/sampling_settings.py recorded."""
+    import json
+    from pathlib import Path
+
+    from dalle_lesson import pipeline as pipeline_module
+
+    recorded = Path(__file__).parent.parent / "benchmarks" / "results" / "sampling_settings.json"
+    assert json.loads(recorded.read_text())["best"] == pipeline_module.SAMPLING_DEFAULTS
+    seen = []
+    original = pipeline_module.Pipeline.__call__
+    monkeypatch.setattr(pipeline_module.Pipeline, "__call__",
+                        lambda self, *a, **k: seen.append(k) or original(self, *a, **k))
+    common = ["--num-images", "1", "--model", str(checkpoints[0]), "--dvae", str(checkpoints[1])]
+    main(["generate", "a red circle", "--out", str(tmp_path / "a.png"), *common])
+    main(["generate", "a red circle", "--out", str(tmp_path / "b.png"), "--guidance", "none", "--top-k", "0", *common])
+    defaults = pipeline_module.SAMPLING_DEFAULTS
+    assert {key: seen[0][key] for key in defaults} == defaults
+    assert seen[1]["guidance_scale"] is None and seen[1]["top_k"] is None
+    assert seen[1]["temperature"] == defaults["temperature"]
+
+
 def test_generate_command_explains_bad_settings(checkpoints, tmp_path):
     common = ["--model", str(checkpoints[0]), "--dvae", str(checkpoints[1]), "--out", str(tmp_path / "x.png")]
     with pytest.raises(SystemExit, match=r"top_p must lie in \(0, 1\]"):
