@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from composition import benchmark_split, summarize
+from composition import benchmark_split, percent, report_header, summarize_groups
 from dalle_lesson.checkpoint import read_metadata
 from dalle_lesson.clip import load_clip
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
@@ -49,14 +47,11 @@ def main() -> None:
             timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
             records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max(COUNTS), timing,
                                       SAMPLING_DEFAULTS)
-            row[label] = {"all": summarize(records, COUNTS),
-                          "two objects": summarize([r for r in records if r["objects"] == 2], COUNTS)}
+            row[label] = summarize_groups(records, COUNTS)
         rows.append(row)
         print(table(rows[-1:]), flush=True)
     report = {
-        "benchmark": "accuracy_vs_steps", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        **report_header("accuracy_vs_steps", args.threads),
         "settings": {"captions_per_split": args.captions, "seed": args.seed, "candidates": max(COUNTS),
                      "sampling": SAMPLING_DEFAULTS, "dvae": args.dvae or "shipped"},
         "units": "rates are fractions of captions whose chosen picture fully matches; ci95 = 95% Wilson interval",
@@ -73,10 +68,10 @@ def table(rows: list[dict]) -> str:
     for row in rows:
         for label in SPLITS:
             a, two = row[label]["all"], row[label]["two objects"]
-            lines.append(f"| {row['step']} | {label} | {a['clip_best_of_1']['rate']:.0%} | "
-                         f"{a['clip_best_of_16']['rate']:.0%} ({a['oracle_best_of_16']['rate']:.0%}) | "
-                         f"{two['clip_best_of_1']['rate']:.0%} | {two['clip_best_of_16']['rate']:.0%} "
-                         f"({two['oracle_best_of_16']['rate']:.0%}) |")
+            lines.append(f"| {row['step']} | {label} | {percent(a['clip_best_of_1'])} | "
+                         f"{percent(a['clip_best_of_16'])} ({percent(a['oracle_best_of_16'])}) | "
+                         f"{percent(two['clip_best_of_1'])} | {percent(two['clip_best_of_16'])} "
+                         f"({percent(two['oracle_best_of_16'])}) |")
     return "\n".join(lines)
 
 

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from dalle_lesson import evaluate
 from dalle_lesson.clip import clip_scores, load_clip
 from dalle_lesson.data import ShapesDataset, pil_to_tensor, render_scene
-from dalle_lesson.cli import optional_number
-from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
+from dalle_lesson.cli import add_sampling_arguments, sampling_options
+from dalle_lesson.pipeline import Pipeline
 
 CANDIDATE_COUNTS = (1, 4, 16, 64)
 RESULTS = Path(__file__).parent / "results" / "composition.json"
@@ -54,6 +54,11 @@ def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return (round(centre - half, 4), round(centre + half, 4))
+
+
+def percent(entry: dict) -> str:
+    """A :func:`rate` as a percentage; "-" for an empty group (a quick run may have no two-object caption)."""
+    return "-" if entry["rate"] is None else f"{entry['rate']:.0%}"
 
 
 def rate(flags: list[bool]) -> dict:
@@ -109,6 +114,20 @@ def summarize(records: list[dict], counts: tuple[int, ...] = CANDIDATE_COUNTS) -
     return out
 
 
+def summarize_groups(records: list[dict], counts: tuple[int, ...] = CANDIDATE_COUNTS) -> dict:
+    """:func:`summarize` of all captions, of the one-object and of the two-object ones."""
+    return {"all": summarize(records, counts),
+            "one object": summarize([r for r in records if r["objects"] == 1], counts),
+            "two objects": summarize([r for r in records if r["objects"] == 2], counts)}
+
+
+def report_header(benchmark: str, threads: int) -> dict:
+    """What every results file starts with: the benchmark, when, torch, the machine."""
+    return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch_version": torch.__version__,
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=200, help="captions per split")
@@ -123,20 +142,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipeline, clip = Pipeline.load(model_path=args.model, dvae_path=args.dvae), load_clip()
-    sampling = sampling_from(args)
+    sampling = sampling_options(args)
     max_n = args.candidates
     counts = tuple(n for n in CANDIDATE_COUNTS if n <= max_n)
     timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
     results = {}
     for label, split in (("training distribution", "test"), ("held-out combinations", "heldout")):
         records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max_n, timing, sampling)
-        results[label] = {"all": summarize(records, counts),
-                          "one object": summarize([r for r in records if r["objects"] == 1], counts),
-                          "two objects": summarize([r for r in records if r["objects"] == 2], counts)}
+        results[label] = summarize_groups(records, counts)
     report = {
-        "benchmark": "composition", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        **report_header("composition", args.threads),
         "settings": {"captions_per_split": args.captions, "seed": args.seed, "candidates": max_n,
                      "sampling": sampling,
                      "checkpoints": {"dalle": args.model or "shipped", "dvae": args.dvae or "shipped",
@@ -151,17 +166,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """--temperature, --top-k, --guidance, as in ``dalle-lesson generate`` ("none" = off)."""
-    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
-    parser.add_argument("--top-k", type=optional_number(int), default=SAMPLING_DEFAULTS["top_k"])
-    parser.add_argument("--guidance", type=optional_number(float), default=SAMPLING_DEFAULTS["guidance_scale"])
-
-
-def sampling_from(args: argparse.Namespace) -> dict:
-    return {"temperature": args.temperature, "top_k": args.top_k or None, "guidance_scale": args.guidance}
 
 
 def table(report: dict) -> str:

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from composition import benchmark_split, summarize
+from composition import benchmark_split, percent, report_header, summarize_groups
 from dalle_lesson.clip import load_clip
 from dalle_lesson.pipeline import Pipeline
 
@@ -53,10 +51,9 @@ def name(setting: dict) -> str:
 def measure(pipeline, clip, split: str, setting: dict, args) -> dict:
     timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
     records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max(COUNTS), timing, setting)
-    groups = {"all": records, "two objects": [r for r in records if r["objects"] == 2]}
     return {"setting": setting, "split": split,
             "sampling_s_per_image": round(timing["sampling_s"] / timing["images"], 5),
-            **{group: summarize(rows, COUNTS) for group, rows in groups.items()}}
+            **summarize_groups(records, COUNTS)}
 
 
 def main() -> None:
@@ -76,9 +73,7 @@ def main() -> None:
     on_heldout = [best["setting"]] + ([PLAIN] if best["setting"] != PLAIN else [])
     reported = [measure(pipeline, clip, "heldout", setting, args) for setting in on_heldout]
     report = {
-        "benchmark": "sampling_settings", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads},
+        **report_header("sampling_settings", args.threads),
         "settings": {"captions_per_setting": args.captions, "seed": args.seed, "candidates": max(COUNTS),
                      "criterion": "CLIP best of 16 on the test split, then N = 1",
                      "checkpoints": {"dalle": args.model or "shipped", "dvae": args.dvae or "shipped"}},
@@ -96,10 +91,10 @@ def table(report: dict) -> str:
              "|" + " --- |" * 8]
     for m in report["chosen_on_training_captions"] + report["reported_on_heldout"]:
         a, two = m["all"], m["two objects"]
-        lines.append(f"| {m['split']} | {name(m['setting'])} | {a['clip_best_of_1']['rate']:.0%} | "
-                     f"{a['clip_best_of_4']['rate']:.0%} | {a['clip_best_of_16']['rate']:.0%} "
-                     f"({a['oracle_best_of_16']['rate']:.0%}) | {two['clip_best_of_1']['rate']:.0%} | "
-                     f"{two['clip_best_of_16']['rate']:.0%} | {m['sampling_s_per_image'] * 1000:.0f} |")
+        lines.append(f"| {m['split']} | {name(m['setting'])} | {percent(a['clip_best_of_1'])} | "
+                     f"{percent(a['clip_best_of_4'])} | {percent(a['clip_best_of_16'])} "
+                     f"({percent(a['oracle_best_of_16'])}) | {percent(two['clip_best_of_1'])} | "
+                     f"{percent(two['clip_best_of_16'])} | {m['sampling_s_per_image'] * 1000:.0f} |")
     lines.append(f"\nbest on the training captions: {name(report['best'])}")
     return "\n".join(lines)
 

@@ -96,12 +96,30 @@ def _generate(args: argparse.Namespace) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)  # before sampling, so the images are never lost
     pipeline = Pipeline.load(model_path=args.model, dvae_path=args.dvae, tokenizer_path=args.tokenizer,
                              clip_path=args.clip)
-    result = pipeline(args.caption, num_images=args.num_images, candidates=args.candidates,
-                      temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p,
-                      guidance_scale=args.guidance, seed=args.seed, progress=True)
+    result = pipeline(args.caption, num_images=args.num_images, candidates=args.candidates, seed=args.seed,
+                      progress=True, **sampling_options(args))
     result.save_grid(out)
     reranked = f", CLIP's best of {args.candidates}" if args.candidates else ""
     print(f"wrote {args.num_images} images for {args.caption!r}{reranked} to {out}")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p, --guidance. The defaults are the best measured settings
+    (SAMPLING_DEFAULTS); "none" switches one off."""
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"],
+                        help="> 0; 1 = the model's distribution")
+    parser.add_argument("--top-k", type=optional_number(int), default=SAMPLING_DEFAULTS["top_k"],
+                        help="keep only the k most likely codes each step; none or 0 = every code")
+    parser.add_argument("--top-p", type=optional_number(float), default=None,
+                        help="keep the most likely codes holding this mass")
+    parser.add_argument("--guidance", type=optional_number(float), default=SAMPLING_DEFAULTS["guidance_scale"],
+                        help="classifier-free guidance scale (e.g. 3); none = plain sampling")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The options of :func:`dalle_lesson.sampling.generate` that :func:`add_sampling_arguments` read."""
+    return {"temperature": args.temperature, "top_k": args.top_k or None, "top_p": args.top_p,
+            "guidance_scale": args.guidance}
 
 
 def _add_generate(commands) -> None:
@@ -112,15 +130,7 @@ def _add_generate(commands) -> None:
     parser.add_argument("--candidates", type=positive_int, default=None,
                         help="draw this many and keep the --num-images that the course CLIP scores best")
     parser.add_argument("--out", default="grid.png", help="where to save the grid (PNG)")
-    # The defaults are the best measured settings (SAMPLING_DEFAULTS); "none" switches one off.
-    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"],
-                        help="> 0; 1 = the model's distribution")
-    parser.add_argument("--top-k", type=optional_number(int), default=SAMPLING_DEFAULTS["top_k"],
-                        help="keep only the k most likely codes each step; none or 0 = every code")
-    parser.add_argument("--top-p", type=optional_number(float), default=None,
-                        help="keep the most likely codes holding this mass")
-    parser.add_argument("--guidance", type=optional_number(float), default=SAMPLING_DEFAULTS["guidance_scale"],
-                        help="classifier-free guidance scale (e.g. 3); none = plain sampling")
+    add_sampling_arguments(parser)
     parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--model", default=None, help="a DALL·E checkpoint (default: the shipped tiny model)")
     parser.add_argument("--dvae", default=None, help="a dVAE checkpoint (default: the shipped lesson dVAE)")
