@@ -16,7 +16,8 @@
 Beneath them, ``checkpoint`` (one safetensors format for every model) and ``viz`` (plots).
 Above them, ``train`` (the one training engine), ``stages`` (each stage as something the
 engine trains) and ``cli`` (every command-line parser). Imports run one way: model
-modules never import ``train``, ``stages`` or ``cli``.
+modules never import ``train``, ``stages`` or ``cli``. Beside them, ``exercises``: one module
+of checkers per lesson (``exercises.lesson04``) for the exercises that end each notebook.
 """
 
 __version__ = "0.2.0"

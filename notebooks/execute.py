@@ -69,12 +69,29 @@ def freeze_widgets(notebook) -> int:
     return frozen
 
 
+def cell_seconds(notebook) -> list[tuple[float, int]]:
+    """(seconds, cell index) of every executed code cell, from the timing nbclient records."""
+    from datetime import datetime
+
+    timings = []
+    for index, cell in enumerate(notebook.cells):
+        execution = cell.metadata.get("execution", {})
+        if "iopub.execute_input" in execution and "shell.execute_reply" in execution:
+            start, end = (datetime.fromisoformat(execution[key].replace("Z", "+00:00"))
+                          for key in ("iopub.execute_input", "shell.execute_reply"))
+            timings.append(((end - start).total_seconds(), index))
+    return timings
+
+
 def execute(path: Path, timeout: int = 1200) -> None:
     notebook = nbformat.read(path, as_version=4)
     NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    timings = cell_seconds(notebook)
     frozen = freeze_widgets(notebook)
     nbformat.write(notebook, path)
-    print(f"{path}: executed, {frozen} progress bars frozen to their last state")
+    slowest = ", ".join(f"cell {index} {seconds:.0f} s" for seconds, index in sorted(timings, reverse=True)[:4])
+    print(f"{path}: executed, cells took {sum(t for t, _ in timings):.0f} s in all (slowest: {slowest}); "
+          f"{frozen} progress bars frozen to their last state")
 
 
 if __name__ == "__main__":

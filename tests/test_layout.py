@@ -96,3 +96,33 @@ def test_every_recorded_command_in_data_readme_parses():
     for words in commands:
         args = build_parser().parse_args(words)  # exits (fails the test) on an unknown flag
         assert args.out.startswith("data/")
+
+
+def executed_notebooks() -> list[Path]:
+    return sorted((PACKAGE.parent / "notebooks").rglob("*.ipynb"))
+
+
+def test_executed_notebooks_read_well_without_a_kernel():
+    """What a reader on the web sees: no saved widget state, no widget outputs, no bar frozen at 0 %
+    (notebooks/execute.py writes them so)."""
+    import json
+
+    assert len(executed_notebooks()) >= 7
+    for path in executed_notebooks():
+        notebook = json.loads(path.read_text())
+        assert "widgets" not in notebook["metadata"], f"{path.name} saves widget state: run notebooks/execute.py"
+        for cell in notebook["cells"]:
+            for output in cell.get("outputs", []):
+                data = output.get("data", {})
+                assert "application/vnd.jupyter.widget-view+json" not in data, f"{path.name} has a widget output"
+                text = "".join(data.get("text/plain", "")) + "".join(output.get("text", ""))
+                assert " 0%|" not in text, f"{path.name} shows a progress bar frozen at 0 %: {text[:80]!r}"
+
+
+def test_every_lesson_with_exercises_has_checkers_and_solutions():
+    for path in sorted((PACKAGE.parent / "notebooks").glob("0[0-5]_*.ipynb")):
+        number = path.name[:2]
+        assert (PACKAGE / "exercises" / f"lesson{number}.py").exists(), f"no checkers for {path.name}"
+        assert (PACKAGE.parent / "notebooks" / "solutions" / f"{number}_solutions.ipynb").exists(), \
+            f"no solutions notebook for {path.name}"
+        assert f"exercises import lesson{number}" in path.read_text(), f"{path.name} never calls its checkers"
