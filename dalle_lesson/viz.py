@@ -26,7 +26,7 @@ def show_grid(
 ):
     """Draw images (a [B, 3, H, W] tensor in [0, 1] or a list of them) in a grid.
 
-    Captions go under their images, wrapped to ``wrap`` characters. Returns the figure.
+    Captions go above their images, wrapped to ``wrap`` characters. Returns the figure.
     """
     images = list(images)
     if not images:
@@ -35,7 +35,8 @@ def show_grid(
     nrows = math.ceil(len(images) / ncols)
     caption_lines = max((len(textwrap.wrap(c, wrap)) for c in captions), default=0) if captions else 0
     fig, axes = plt.subplots(
-        nrows, ncols, figsize=(ncols * cell_inches, nrows * (cell_inches + 0.17 * caption_lines)), squeeze=False
+        nrows, ncols, figsize=(ncols * cell_inches, nrows * (cell_inches + 0.17 * caption_lines)), squeeze=False,
+        layout="constrained",  # keeps every caption clear of the image above it (tight_layout does not)
     )
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
@@ -45,7 +46,6 @@ def show_grid(
                 ax.set_title("\n".join(textwrap.wrap(captions[k], wrap)), fontsize=7)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     return fig
 
 
