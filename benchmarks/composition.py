@@ -181,13 +181,14 @@ def main() -> None:
 
 def merge_reports(reports: list[dict]) -> dict:
     """One report from one-split reports of the same settings; timings averaged per image."""
-    first = reports[0]
-    settings = {key: value for key, value in first["settings"].items() if key != "split"}
+    def settings_of(report):
+        return {key: value for key, value in report["settings"].items() if key != "split"}
+
+    settings = settings_of(reports[0])
     for other in reports[1:]:
-        theirs = {key: value for key, value in other["settings"].items() if key != "split"}
-        if theirs != settings:
-            raise ValueError(f"these reports were made with different settings: {settings} and {theirs}")
-    merged = {**first, "settings": {**settings, "split": "both"}, "results": {}}
+        if settings_of(other) != settings:
+            raise ValueError(f"these reports were made with different settings: {settings} and {settings_of(other)}")
+    merged = {**reports[0], "settings": {**settings, "split": "both"}, "results": {}}
     for report in reports:
         merged["results"].update(report["results"])
     for key in ("sampling_s_per_image", "clip_rerank_s_per_image"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from dalle_lesson.data import HELD_OUT_PAIRS, ShapesDataset, scene_captions
 from dalle_lesson.exercises import correct, unanswered
 
 
@@ -11,8 +12,6 @@ def check_caption_count(scene, count: int | None) -> None:
     """Exercise 1: how many different captions the shapes set can give ``scene``."""
     if unanswered(count, expects="the number of different captions of the scene"):
         return
-    from dalle_lesson.data import scene_captions
-
     want = len(set(scene_captions(scene)))
     assert count == want, (f"this scene has {want} different captions, not {count}: count the distinct strings "
                            f"(set(...)), every template with every synonym, in both directions")
@@ -20,8 +19,6 @@ def check_caption_count(scene, count: int | None) -> None:
 
 
 def _milliseconds_per_item(image_size: int, items: int = 20) -> float:
-    from dalle_lesson.data import ShapesDataset
-
     dataset = ShapesDataset(length=items, image_size=image_size)
     start = time.perf_counter()
     for i in range(items):
@@ -51,8 +48,6 @@ def check_held_out_parts(pair, with_shape, with_colour, length: int = 2000) -> N
     shape, and those holding its colour; ``pair`` is ``(shape, colour)`` from ``HELD_OUT_PAIRS``."""
     if unanswered(with_shape, with_colour, expects="two lists of scene indices of the training split"):
         return
-    from dalle_lesson.data import HELD_OUT_PAIRS, ShapesDataset
-
     shape, colour = pair
     assert (shape, colour) in HELD_OUT_PAIRS, f"{pair} is not a held-out pair; pick one of {sorted(HELD_OUT_PAIRS)}"
     dataset = ShapesDataset(length=length, image_size=32, split="train")

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from dalle_lesson.vae import evaluate, load_vae, shapes_images
 from dalle_lesson.exercises import correct, unanswered
 
 # What the exercise recipe gives, in nats per test image (min and max over five seeds
@@ -31,7 +32,6 @@ PSNR_BOUNDS = (13.0, 21.0)  # dB on the test images after 250 steps of a width-1
 
 
 def _test_images(count: int = 256) -> torch.Tensor:
-    from dalle_lesson.vae import shapes_images
 
     return shapes_images(count, image_size=32, split="test")
 
@@ -118,7 +118,6 @@ def check_importance_sampling(log_px_k1: float | None, log_px_k10: float | None,
     checker's own repeated estimates with the same K fall (mean +- 5 standard deviations)."""
     if unanswered(log_px_k1, log_px_k10, log_px_k100, expects="three estimates of log p(x), for K = 1, 10 and 100"):
         return
-    from dalle_lesson.vae import load_vae
 
     model = model if model is not None else load_vae()
     image = image if image is not None else _test_images(1)
@@ -149,7 +148,6 @@ def check_active_dimensions(per_dimension_kl, busiest: int | None, switched_off:
     if unanswered(per_dimension_kl, busiest, switched_off,
                   expects="the per-dimension KL (16 numbers), the busiest dimension, the number switched off"):
         return
-    from dalle_lesson.vae import load_vae
 
     model = model if model is not None else load_vae()
     images = images if images is not None else _test_images()
@@ -182,7 +180,6 @@ def check_latent_2d(model_2d, kl_2d: float | None, kl_16d: float | None,
     if unanswered(model_2d, kl_2d, kl_16d,
                   expects="the trained 2-D model, its test KL and the test KL of a 16-D model of the same recipe"):
         return
-    from dalle_lesson.vae import evaluate
 
     assert model_2d.config.latent_dim == 2, (
         f"this model has {model_2d.config.latent_dim} latent dimensions: build it with VAEConfig.latent_2d() "

@@ -13,22 +13,20 @@ import math
 
 import torch
 
+from dalle_lesson.data import ShapesDataset
+from dalle_lesson.dvae import DVAEConfig, load_dvae, logit_laplace_nll, psnr
 from dalle_lesson.exercises import correct, unanswered
 
 FLAT_STD = 0.05  # exercise 2: a picture is "flat" when no channel varies more than this across it
 
 
 def _shipped_dvae():
-    from dalle_lesson.dvae import load_dvae
-
     return load_dvae()
 
 
 def _held_out(count: int = 500) -> torch.Tensor:
     """The lesson's held-out shapes in [0, 1]: the notebook's ``held_out[:count].float() / 255``
     (rounded to 8 bits, as ``preload_images`` stores them)."""
-    from dalle_lesson.data import ShapesDataset
-
     scenes = ShapesDataset(length=500, image_size=32, split="heldout", seed=1)
     return torch.stack([(scenes[i][0] * 255).round() / 255 for i in range(min(count, len(scenes)))])
 
@@ -43,8 +41,6 @@ def _close(value: float, want: float, tolerance: float) -> bool:
 
 
 def _nll(x: float, mu: float, log_b: torch.Tensor) -> torch.Tensor:
-    from dalle_lesson.dvae import logit_laplace_nll
-
     return logit_laplace_nll(torch.tensor(x, dtype=torch.float64), torch.tensor(mu, dtype=torch.float64), log_b)
 
 
@@ -144,8 +140,6 @@ def check_single_code_pictures(background_code: int | None, flat_codes: int | No
 def sample_against_argmax(model, images: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
     """Mean top probability, how often a Gumbel-max sample differs from the argmax, and the PSNR
     the sample loses against the argmax, for one draw of the noise."""
-    from dalle_lesson.dvae import psnr
-
     logits = model.logits(images)
     top = logits.softmax(dim=1).amax(dim=1)
     argmax = logits.argmax(dim=1)
@@ -210,8 +204,6 @@ def check_bits_per_code(lesson_bits: float | None, shipped_bits: float | None) -
     and for the shipped dVAE's 16x16 grid. (Such a code has a vocabulary of 2**bits.)"""
     if unanswered(lesson_bits, shipped_bits, expects="bits per code for the 8x8 grid and for the 16x16 grid"):
         return
-    from dalle_lesson.dvae import DVAEConfig
-
     lesson = DVAEConfig.lesson()
     image_bits = lesson.image_size**2 * lesson.channels * 8
     want = {"lesson": image_bits / lesson.grid_size**2, "shipped": image_bits / 16**2}

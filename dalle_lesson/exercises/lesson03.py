@@ -6,13 +6,13 @@ from __future__ import annotations
 import functools
 import warnings
 
+from dalle_lesson.bpe import BPETokenizer, CLIP_MERGE_COUNT, N_BASE, load_course_tokenizer
+from dalle_lesson.data import EmojiDataset, all_shapes_captions
 from dalle_lesson.exercises import correct, unanswered
 
 
 @functools.lru_cache(maxsize=1)
 def _shapes_words() -> tuple[str, ...]:
-    from dalle_lesson.bpe import BPETokenizer
-    from dalle_lesson.data import all_shapes_captions
 
     splitter = BPETokenizer()
     return tuple(sorted({word for caption in all_shapes_captions() for word in splitter.words(caption)}))
@@ -22,8 +22,6 @@ def merges_until_whole_words(tokenizer, words) -> int:
     """The smallest n such that the first n merges of ``tokenizer`` make every word one token.
 
     Merges only ever glue, so once a word is one token it stays one: binary search works."""
-    from dalle_lesson.bpe import BPETokenizer
-
     merges = list(tokenizer.merges)
     low, high = 0, len(merges)
     while low < high:
@@ -39,8 +37,6 @@ def merges_until_whole_words(tokenizer, words) -> int:
 @functools.lru_cache(maxsize=1)
 def _shapes_answer():
     """A tokenizer trained on the shapes captions alone, and the merges it needs (cached: a few seconds)."""
-    from dalle_lesson.bpe import BPETokenizer
-    from dalle_lesson.data import all_shapes_captions
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it runs out of pairs long before 4096: that is expected
@@ -53,8 +49,6 @@ def check_shapes_merges(n_merges: int | None) -> None:
     shapes caption is exactly one token per word."""
     if unanswered(n_merges, expects="a number of merges"):
         return
-    from dalle_lesson.bpe import N_BASE, BPETokenizer
-
     shapes_only, want = _shapes_answer()
     words = _shapes_words()
     if n_merges == want + N_BASE:
@@ -78,8 +72,6 @@ def check_longest_emoji_name(name: str | None, course_tokens: int | None, clip_t
     if unanswered(name, course_tokens, clip_tokens,
                   expects="the emoji name with the most course tokens, its course count and its CLIP count"):
         return
-    from dalle_lesson.bpe import CLIP_MERGE_COUNT, BPETokenizer, load_course_tokenizer
-    from dalle_lesson.data import EmojiDataset
 
     course = load_course_tokenizer()
     names = EmojiDataset().names
@@ -107,8 +99,6 @@ def check_padding_with_zero(token_name: str | None, decoded: str | None, caption
     ``decode`` gives for ``caption`` padded to ``text_seq_len`` with id 0 instead of the padding ids."""
     if unanswered(token_name, decoded, expects="the name of token 0 and the decoded zero-padded caption"):
         return
-    from dalle_lesson.bpe import load_course_tokenizer
-
     course = load_course_tokenizer()
     assert token_name == course.token_name(0), (
         f"token 0 of the course tokenizer is {course.token_name(0)!r}, not {token_name!r}: course.token_name(0)")

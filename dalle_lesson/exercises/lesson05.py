@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dalle_lesson.data import ShapesDataset
 from dalle_lesson.exercises import correct, unanswered
 
 
@@ -53,8 +54,6 @@ def check_left_half_completion(complete_right_half, pipeline, caption: str = "a 
     """Exercise 2: ``complete_right_half(codes [1, h, w], caption, seed)`` keeps the left half and draws the right."""
     if unanswered(complete_right_half, expects="a function complete_right_half(codes, caption, seed)"):
         return
-    from dalle_lesson.data import ShapesDataset
-
     image = ShapesDataset(length=1, image_size=32, split="test", seed=3)[0][0]
     codes = pipeline.dvae.encode(image[None])
     half = codes.shape[-1] // 2
