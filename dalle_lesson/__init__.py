@@ -12,9 +12,11 @@
     clip         a small CLIP (open_clip's model and loss): zero-shot, reranking         lesson 06
     evaluate     the scorer: reads a Shapes picture against its caption, per attribute  lesson 06
     openai_dvae  OpenAI's released dVAE weights, read without running pickled code        lesson 07
+    plan         the paper's model on paper: parameters, memory per GPU, FLOPs, time      lesson 07
+    shards       WebDataset tar shards of images or of dVAE codes, one share per process  lesson 07
 
 Beneath them, ``checkpoint`` (one safetensors format for every model) and ``viz`` (plots).
-Above them, ``train`` (the one training engine), ``stages`` (each stage as something the
+Above them, ``train`` (the one training engine: one process, DDP or FSDP), ``stages`` (each stage as something the
 engine trains) and ``cli`` (every command-line parser). Imports run one way: model
 modules never import ``train``, ``stages`` or ``cli``. Beside them, ``exercises``: one module
 of checkers per lesson (``exercises.lesson04``) for the exercises that end each notebook.

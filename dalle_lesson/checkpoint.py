@@ -219,3 +219,105 @@ def load_resume_state(path: str | Path) -> dict:
     if not where.is_file():
         raise FileNotFoundError(f"nothing to resume: {where} does not exist (start without --resume)")
     return torch.load(where, map_location="cpu", weights_only=True)
+
+
+# --------------------------------------------------------------------------------------
+# Sharded checkpoints (FSDP): every process writes its own slice
+# --------------------------------------------------------------------------------------
+#
+# A model sharded over many GPUs never exists whole on one of them, so it is saved the
+# way it lives: torch.distributed.checkpoint (DCP) has each process write the slices of the
+# weights and AdamW moments it holds, plus one index of who holds what. The layout:
+#
+#     dalle.safetensors.dcp/
+#         step-000250/            .metadata + one __<rank>_0.distcp file per process
+#         step-000250/course.json kind, config, step, recipe, log (what the safetensors header holds)
+#         latest                  "step-000250", replaced atomically once that step is complete
+#
+# A run killed while saving leaves ``latest`` pointing at the previous, complete step.
+# DCP can load into any number of processes (it reshards on load), and
+# :func:`gather_sharded` turns a step into one ordinary safetensors checkpoint for sampling.
+
+
+def sharded_dir(path: str | Path) -> Path:
+    """Where the sharded checkpoint of ``path`` lives: ``x.safetensors.dcp/``."""
+    path = Path(path)
+    return path.with_name(path.name + ".dcp")
+
+
+def _latest_step_dir(path: str | Path) -> Path:
+    root = sharded_dir(path)
+    pointer = root / "latest"
+    if not pointer.is_file():
+        raise FileNotFoundError(f"nothing to resume: {root} holds no complete sharded checkpoint (start without --resume)")
+    return root / pointer.read_text().strip()
+
+
+def read_sharded_header(path: str | Path) -> dict:
+    """The JSON facts (kind, config, step, recipe, log, ...) of the latest sharded step of ``path``."""
+    return json.loads((_latest_step_dir(path) / "course.json").read_text())
+
+
+def save_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, header: dict) -> Path:
+    """Every process calls this: write its slices of ``model`` and ``optimizer`` for ``header["step"]``.
+
+    ``model`` is the module whose parameters are sharded (DTensors after ``fully_shard``).
+    Rank 0 writes ``course.json`` and then, only once every slice is on disk, moves the
+    ``latest`` pointer and removes older steps.
+    """
+    import shutil
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = sharded_dir(path)
+    step_dir = root / f"step-{header['step']:06d}"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=step_dir)  # all ranks, then a barrier
+    if dist.get_rank() == 0:
+        (step_dir / "course.json").write_text(json.dumps({"format": FORMAT, **header}))
+        atomic_write(root / "latest", lambda temporary: Path(temporary).write_text(step_dir.name))
+        for old in root.glob("step-*"):
+            if old != step_dir:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return step_dir
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Every process calls this: fill its slices of ``model`` and ``optimizer`` from the latest
+    sharded step of ``path`` (any number of processes; DCP reshards); return the header."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    step_dir = _latest_step_dir(path)
+    model_state, optimizer_state = get_state_dict(model, optimizer)  # the structure to fill, in place
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=step_dir)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return read_sharded_header(path)
+
+
+def gather_sharded(path: str | Path, out: str | Path, classes: type | tuple[type, ...],
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """Join the latest sharded step of ``path`` into one safetensors checkpoint at ``out``.
+
+    Runs in one process, no GPU: the model is built on the ``meta`` device for its shapes,
+    then only the weights (not the AdamW moments) are read into CPU tensors of those shapes.
+    The result loads with :func:`load` like any other checkpoint.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    header = read_sharded_header(path)
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    cls = _pick_class(sharded_dir(path), header.get("kind"), classes)
+    config = _build_config(sharded_dir(path), cls, header.get("config") or {})
+    with torch.device("meta"):
+        skeleton = cls(config)
+    weights = {name: torch.empty(t.shape, dtype=t.dtype) for name, t in skeleton.state_dict().items()}
+    state = {"model": weights}
+    dcp.load(state, checkpoint_id=_latest_step_dir(path), no_dist=True)
+    skeleton.load_state_dict(state["model"], assign=True)  # the skeleton now holds the real tensors
+    facts = {key: value for key, value in header.items() if key not in ("format", "kind", "config")}
+    return save(skeleton, out, dtype=dtype, **facts)

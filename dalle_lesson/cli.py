@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_lesson import stages
+from dalle_lesson import checkpoint, stages
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS
 from dalle_lesson.train import Recipe, TrainingDiverged, fit, seed_everything, summary
 
@@ -73,9 +73,10 @@ def check_output_path(out: str, force: bool = False, resume: bool = False) -> Pa
     existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write in {existing}; choose another folder")
-    if path.exists() and not (force or resume):
+    exists = path.exists() or checkpoint.sharded_dir(path).exists()  # a sharded run may not be gathered yet
+    if exists and not (force or resume):
         raise ValueError(f"--out {out} exists; add --resume to continue its run or --force to replace it")
-    if resume and not path.exists():
+    if resume and not exists:
         raise ValueError(f"--resume: there is no checkpoint at {out} to continue")
     return path
 
@@ -201,6 +202,10 @@ def add_core_arguments(parser: argparse.ArgumentParser, stage: str, presets: lis
     parser.add_argument("--stop-at", type=positive_int, default=None,
                         help="stop after this step as if interrupted (continue later with --resume)")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    parser.add_argument("--shard", action=argparse.BooleanOptionalAction, default=None,
+                        help="under torchrun: shard weights, gradients and AdamW moments over the processes (FSDP) "
+                             "instead of a full copy on each (DDP); default: shard when a copy would fill over "
+                             "half a GPU. Checkpoints are then sharded too (<out>.dcp/), gathered into --out at the end")
 
 
 def recipe_from(args: argparse.Namespace) -> Recipe:
@@ -213,12 +218,12 @@ def recipe_from(args: argparse.Namespace) -> Recipe:
 
 def _train(args: argparse.Namespace) -> None:
     """Check everything, seed, build the stage, then hand it to the engine."""
-    from dalle_lesson import checkpoint
-
     check_output_path(args.out, force=args.force, resume=args.resume)
     recipe = recipe_from(args)
     if args.resume:  # the saved run's recipe wins: same schedule, same batches
-        recipe = Recipe(**checkpoint.load_resume_state(args.out)["recipe"])
+        sharded = checkpoint.sharded_dir(args.out).exists()
+        saved = checkpoint.read_sharded_header(args.out) if sharded else checkpoint.load_resume_state(args.out)
+        recipe = Recipe(**saved["recipe"])
     recipe.check()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,7 +237,7 @@ def _train(args: argparse.Namespace) -> None:
               f"{recipe.steps} steps of {recipe.batch_size}")
     log_path = args.log or str(Path(args.out).with_suffix(".csv"))
     log = fit(stage, recipe, out=args.out, resume=args.resume, device=args.device, log_path=log_path,
-              stop_at=args.stop_at)
+              stop_at=args.stop_at, shard=args.shard)
     if int(os.environ.get("RANK", "0")) == 0:
         print(summary(log, args.out))
 
@@ -296,18 +301,31 @@ def _build_dalle(args, recipe):
     tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer()
     config.text_vocab_size = tokenizer.vocab_size
     progress = int(os.environ.get("RANK", "0")) == 0
-    dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
-    name = stages.codes_cache_name(dataset, f"{args.dataset}-train")
-    codes, captions = stages.cached_codes(dataset, name, args.dvae, args.cache_dir, progress=progress)
+    if args.shards:  # lesson 07: each process keeps its own share of the shards in memory
+        codes, captions = _shard_codes(args, progress)
+    else:
+        dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
+        name = stages.codes_cache_name(dataset, f"{args.dataset}-train")
+        codes, captions = stages.cached_codes(dataset, name, args.dvae, args.cache_dir, progress=progress)
     config.image_size = codes.shape[-1]  # the dVAE decides the grid
     text_ids = tokenize_batch(tokenizer, captions, config.text_seq_len)
     validation = None
-    if args.dataset == "shapes" and args.val_images:
+    if args.dataset == "shapes" and args.val_images and not args.shards:
         val_codes, val_captions = stages.shapes_codes("test", args.val_images, args.image_size, args.dvae,
                                                       args.cache_dir, progress=progress)
         validation = (tokenize_batch(tokenizer, val_captions, config.text_seq_len), val_codes)
     pad_ids = tokenize_batch(tokenizer, [""], config.text_seq_len)[0]
     return stages.dalle_stage(DALLE(config), text_ids, codes, pad_ids, args.caption_dropout, validation)
+
+
+def _shard_codes(args, progress: bool):
+    """``--shards``: this process's codes and captions (image shards are encoded once, then cached)."""
+    from dalle_lesson.shards import load_rank_codes
+    from dalle_lesson.train import pick_device, start_distributed
+
+    device = pick_device(args.device)
+    start_distributed(device)  # join the process group now: the processes must agree on one example count
+    return load_rank_codes(args.shards, args.dvae, args.cache_dir, device=device, progress=progress)
 
 
 def _add_train(commands) -> None:
@@ -365,6 +383,10 @@ def _add_train(commands) -> None:
     dalle.add_argument("--dvae", default=None, help="dVAE checkpoint (default: the shipped lesson dVAE)")
     dalle.add_argument("--tokenizer", default=None, help="BPE file (default: the course tokenizer)")
     dalle.add_argument("--cache-dir", default=None, help="where codes are cached (default ~/.cache/dalle_lesson)")
+    dalle.add_argument("--shards", default=None, metavar="PATTERN",
+                       help="train on WebDataset shards instead of --dataset: a folder or "
+                            "dir/shard-{000000..000009}.tar of images (shards make) or of codes (tokenize-images); "
+                            "each process reads its own shards; no validation")
     dalle.add_argument("--caption-dropout", type=float, default=0.1,
                        help="fraction of captions replaced by the empty caption (for classifier-free guidance)")
     dalle.set_defaults(run=_train, build=_build_dalle)
@@ -458,6 +480,152 @@ def _train_bpe(args: argparse.Namespace) -> None:
     print(f"trained {tokenizer!r} on {len(texts)} texts, wrote {args.out}")
 
 
+# ---- gather: a sharded run -> one safetensors file -------------------------------------
+
+
+def _gather(args: argparse.Namespace) -> None:
+    from dalle_lesson.clip import CourseCLIP
+    from dalle_lesson.dalle import DALLE
+    from dalle_lesson.dvae import DiscreteVAE
+    from dalle_lesson.vae import VAE, Autoencoder
+    from dalle_lesson.vqvae import VQVAE
+
+    out = args.out or args.checkpoint
+    if Path(out).exists() and not args.force:
+        raise ValueError(f"--out {out} exists; add --force to replace it")
+    header = checkpoint.read_sharded_header(args.checkpoint)
+    checkpoint.gather_sharded(args.checkpoint, out, (DALLE, DiscreteVAE, VQVAE, VAE, Autoencoder, CourseCLIP),
+                              dtype=torch.float16 if args.fp16 else torch.float32)
+    print(f"gathered step {header['step']} of {checkpoint.sharded_dir(args.checkpoint)} into {out}")
+
+
+def _add_gather(commands) -> None:
+    parser = _parser(commands, "gather", "join a sharded (--shard) run's latest checkpoint into one safetensors file",
+                     "Reads <checkpoint>.dcp/ in one process, without GPUs, and writes an ordinary checkpoint\n"
+                     "that generate, the notebooks and load_dalle() read.")
+    parser.add_argument("checkpoint", help="the --out of the sharded run (its shards are in <checkpoint>.dcp/)")
+    parser.add_argument("--out", default=None, help="where to write (default: the checkpoint path itself)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size)")
+    parser.add_argument("--force", action="store_true", help="replace an existing --out")
+    parser.set_defaults(run=_gather)
+
+
+# ---- shards make, tokenize-images: data at scale (lesson 07) -------------------------------
+
+
+def _shards_make(args: argparse.Namespace) -> None:
+    from dalle_lesson.shards import write_shards
+
+    length = args.count or 10_000  # shapes are made on the fly: as many as asked
+    dataset = stages.make_dataset(args.dataset, args.image_size, args.split, args.folder, length=length)
+    written = write_shards(dataset, args.out, samples_per_shard=args.samples_per_shard, count=args.count,
+                           force=args.force)
+    print(f"wrote {written}")
+
+
+def _add_shards(commands) -> None:
+    parser = _parser(commands, "shards", "WebDataset tar shards of image + caption (lesson 07)")
+    actions = parser.add_subparsers(dest="shards_command", required=True)
+    make = _parser(actions, "make", "write a dataset as WebDataset shards: per sample a PNG image and a .txt caption",
+                   "Writes OUT/shard-000000.tar, OUT/shard-000001.tar, ... (lossless PNG, UTF-8 captions);\n"
+                   "train on them with `train dalle --shards OUT`, or encode them once with tokenize-images.")
+    add_dataset_arguments(make, image_size=32)
+    make.add_argument("--split", default="train", choices=["train", "test", "heldout"], help="with --dataset shapes")
+    make.add_argument("--count", type=positive_int, default=None,
+                      help="how many samples (default: the whole dataset; shapes: 10000)")
+    make.add_argument("--samples-per-shard", type=positive_int, default=1000)
+    make.add_argument("--out", required=True, help="the folder to write the shards into")
+    make.add_argument("--force", action="store_true", help="replace the shards already in --out")
+    make.set_defaults(run=_shards_make)
+
+
+def _tokenize_images(args: argparse.Namespace) -> None:
+    from dalle_lesson.shards import dvae_facts, tokenize_shards
+    from dalle_lesson.train import pick_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("tokenize-images runs in one process (on a GPU if there is one); under torchrun, "
+                         "`train dalle --shards <image shards>` encodes each process's shards itself")
+    facts = dvae_facts(args.dvae)
+    written = tokenize_shards(args.shards, args.out, dvae_path=args.dvae, batch_size=args.batch_size,
+                              device=pick_device(args.device), force=args.force)
+    grid = facts["grid_size"]
+    print(f"encoded {written.samples} images into {grid}x{grid} codes of {facts['vocab_size']} with "
+          f"{facts['dvae']} (digest {facts['dvae_digest']}): {written}")
+    print(f"train on them with: dalle-lesson train dalle --shards '{written.pattern}'"
+          + (f" --dvae {args.dvae}" if args.dvae else ""))
+
+
+def _add_tokenize_images(commands) -> None:
+    parser = _parser(commands, "tokenize-images", "encode image shards with the dVAE once, into code shards",
+                     "Reads image shards (shards make, or any WebDataset of .png/.jpg + .txt), runs every image\n"
+                     "through the dVAE once and writes one code shard per image shard: per sample its codes\n"
+                     "(.npy, int16) and caption (.txt), after a header naming the dVAE (digest, grid size).")
+    parser.add_argument("--shards", required=True, metavar="PATTERN",
+                        help="a folder of .tar shards, or a pattern like dir/shard-{000000..000009}.tar")
+    parser.add_argument("--dvae", default=None, help="the dVAE checkpoint (default: the shipped lesson dVAE)")
+    parser.add_argument("--out", required=True, help="the folder to write the code shards into")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per dVAE call")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--force", action="store_true", help="replace the shards already in --out")
+    parser.set_defaults(run=_tokenize_images)
+
+
+# ---- plan: will a configuration fit, and how long will a step take (lesson 07) ----------
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from dalle_lesson import plan
+    from dalle_lesson.dalle import DALLEConfig
+
+    sizes = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads}
+    for flag, value in zip(("--d-model", "--layers", "--heads"), sizes.values()):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 1 (0 = the preset's), got {value}")
+    overrides = {key: value for key, value in {**sizes, "attention": args.attention}.items() if value}
+    config = {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}[args.preset](**overrides)
+    name = args.preset + "".join(f", {key}={value}" for key, value in overrides.items())
+    print(plan.report(config, gpus=args.gpus, shard=args.shard, checkpointing=args.checkpointing, batch=args.batch,
+                      gpu_memory_gb=args.gpu_memory_gb, precision=args.precision,
+                      attention_kernel=args.attention_kernel, flops_per_gpu=args.flops_per_gpu, mfu=args.mfu,
+                      name=name))
+
+
+def _add_plan(commands) -> None:
+    parser = _parser(commands, "plan", "lesson 07: parameters, memory per GPU, FLOPs and time per step",
+                     "Arithmetic from the configuration, no model built: parameters layer by layer, the memory\n"
+                     "per GPU for each --gpus count (DDP, or FSDP with --shard) and whether it fits, FLOPs and\n"
+                     "time per step. The paper trained with a global batch of 1024 images on 1024 16 GB V100s,\n"
+                     "a micro-batch of 1 per GPU:\n"
+                     "    dalle-lesson plan --preset paper --gpus 1 8 64 1024 --shard")
+    parser.add_argument("--preset", choices=["tiny", "paper"], default="paper", help="the model's sizes")
+    parser.add_argument("--d-model", type=int, default=0, help="override the preset's width")
+    parser.add_argument("--layers", type=int, default=0, help="override the preset's depth")
+    parser.add_argument("--heads", type=int, default=0, help="override the preset's head count")
+    parser.add_argument("--attention", choices=["dense", "sparse"], default=None,
+                        help="override the preset's attention (paper: sparse row/column blocks)")
+    parser.add_argument("--gpus", type=positive_int, nargs="+", default=[1, 8, 64, 1024],
+                        help="GPU counts to plan for, one row each")
+    parser.add_argument("--shard", action="store_true",
+                        help="FSDP: weights, gradients and AdamW moments divided over the GPUs (default: DDP, "
+                             "a full copy on each)")
+    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="activation checkpointing (default: the preset's: on for paper, off for tiny)")
+    parser.add_argument("--batch", type=positive_int, default=1,
+                        help="micro-batch per GPU (the paper: 1, i.e. 1024 images over 1024 GPUs)")
+    parser.add_argument("--gpu-memory-gb", type=float, nargs="+", default=[80, 16],
+                        help="memory of one GPU in GiB, one 'fits' column each (80: A100/H100; 16: the paper's V100s)")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="bf16: autocast compute with fp32 master weights; fp32: everything in fp32")
+    parser.add_argument("--attention-kernel", choices=["fused", "math"], default="fused",
+                        help="dense attention's SDPA kernel: fused (flash / memory-efficient, what PyTorch picks) "
+                             "or math (keeps the n x n probabilities per head)")
+    parser.add_argument("--flops-per-gpu", type=float, default=125e12,
+                        help="peak FLOP/s of one GPU (V100 fp16 tensor cores, the paper's: 125e12; A100 bf16: 312e12)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="the fraction of that peak a training step sustains")
+    parser.set_defaults(run=_plan)
+
+
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
@@ -469,6 +637,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(commands)
     _add_data_grid(commands)
     _add_train(commands)
+    _add_shards(commands)
+    _add_tokenize_images(commands)
+    _add_gather(commands)
+    _add_plan(commands)
     return parser
 
 

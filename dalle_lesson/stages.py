@@ -104,7 +104,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DALLE_LESSON_CACHE", Path.home() / ".cache" / "dalle_lesson"))
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of a file's SHA-256: names caches after the dVAE that made them."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
@@ -120,7 +121,7 @@ def cached_codes(dataset, name: str, dvae_path: str | Path | None = None, cache_
 
     dvae_file = Path(dvae_path) if dvae_path is not None else data.shipped_path("dvae_lesson.safetensors")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache_dir / f"codes-{name}-dvae{_file_digest(dvae_file)}.pt"
+    path = cache_dir / f"codes-{name}-dvae{file_digest(dvae_file)}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)  # tensors and strings only: no code runs
         if progress:

@@ -27,6 +27,13 @@ Under ``torchrun`` the model is wrapped in DistributedDataParallel (Gloo on CPU,
 CUDA), which averages gradients across processes; only rank 0 writes files. Because
 each process takes its share of the *same* global batch, two processes give the same
 weights as one process with the same ``batch_size`` (for a loss without random noise).
+
+DDP keeps a whole copy of the weights, gradients and AdamW moments on every process (16
+bytes per parameter: 190 GB for the 12-billion-parameter model). ``shard=True`` (``--shard``)
+uses PyTorch's fully sharded data parallel instead (:func:`shard_model`): each process holds
+1/world of each, and a block's weights are gathered only while that block runs. Its
+checkpoints are sharded too (:func:`dalle_lesson.checkpoint.save_sharded`); the last one is
+gathered into the usual safetensors file at the end of the run.
 """
 
 from __future__ import annotations
@@ -219,8 +226,49 @@ def _mean_over_processes(values: dict[str, float], world: int) -> dict[str, floa
     return dict(zip(values, (packed / world).tolist()))
 
 
-def _all_finite(model: nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in model.parameters())
+def _all_finite(model: nn.Module, sharded: bool = False) -> bool:
+    """Are all weights finite? Sharded: each process checks its slices, then they vote."""
+    local = [p.to_local() if sharded else p for p in model.parameters()]
+    finite = all(bool(torch.isfinite(p).all()) for p in local)
+    if sharded:
+        vote = torch.tensor(float(finite))
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        finite = bool(vote.item())
+    return finite
+
+
+# The size above which ``shard=None`` (auto) shards: when one process's copy of the training
+# state (fp32 weights, gradients and two AdamW moments: 16 bytes per parameter) would fill
+# more than half of the GPU. ``dalle-lesson plan`` shows the arithmetic for any preset.
+BYTES_PER_PARAMETER = 16
+SHARD_ABOVE_FRACTION_OF_GPU = 0.5
+
+
+def wants_sharding(model: nn.Module, device: torch.device, world: int) -> bool:
+    """The automatic choice: shard on many CUDA processes when DDP's full copy would not fit comfortably."""
+    if world == 1 or device.type != "cuda":
+        return False
+    state_bytes = BYTES_PER_PARAMETER * sum(p.numel() for p in model.parameters())
+    return state_bytes > SHARD_ABOVE_FRACTION_OF_GPU * torch.cuda.get_device_properties(device).total_memory
+
+
+def shard_model(wrapped: nn.Module, model: nn.Module, bf16: bool) -> None:
+    """Fully sharded data parallel (FSDP, ``torch.distributed.fsdp.fully_shard``), in place.
+
+    One FSDP unit per transformer block: its weights are all-gathered just before the block
+    runs and freed after, so only a block or two is ever whole on a process. Everything else
+    (the embeddings, the final LayerNorm, the head) forms the root unit around ``wrapped``.
+    With ``bf16`` the blocks compute in bfloat16 from fp32 master weights and reduce their
+    gradients in fp32; the root unit stays fp32, as the paper keeps embeddings and logits.
+    A model without ``blocks`` (the dVAE) is one unit.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    in_blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()
+    for block in getattr(model, "blocks", []):
+        fully_shard(block, mp_policy=in_blocks)
+    fully_shard(wrapped)
 
 
 # --------------------------------------------------------------------------------------
@@ -237,6 +285,7 @@ def fit(
     log_path: str | Path | None = None,
     stop_at: int | None = None,
     progress: bool = True,
+    shard: bool | None = False,
 ) -> list[dict]:
     """Train ``stage.model`` with ``recipe``; return the log (one dict every ``log_every`` steps).
 
@@ -245,18 +294,28 @@ def fit(
     last checkpoint: same recipe, same batches, same noise, so the weights end bitwise
     equal to an uninterrupted run (on CPU). ``stop_at`` ends the run after that step as if
     interrupted (a checkpoint is written; resume later). ``log_path``: a CSV of the log.
-    Ctrl-C saves the last finished step, then stops.
+    Ctrl-C saves the last finished step, then stops. ``shard``: True = FSDP under torchrun
+    (see the module docstring), False = DDP, None = decide by size (:func:`wants_sharding`).
     """
     device = pick_device(device)
     rank, world = start_distributed(device)
     model = stage.model.to(device)
+    sharded = world > 1 and (wants_sharding(model, device, world) if shard is None else shard)
+    if resume and out is not None and checkpoint.sharded_dir(out).exists():  # a sharded run resumes sharded
+        if world == 1:
+            raise ValueError(f"{checkpoint.sharded_dir(out)} is a sharded run: resume it under torchrun with "
+                             "--shard (any number of processes), or gather it first (dalle-lesson gather)")
+        sharded = True
     start_step, seconds_before, log = 0, 0.0, []
     if resume:
         if out is None:
             raise ValueError("resume=True needs the checkpoint path out=...")
-        saved = checkpoint.load_resume_state(out)
+        if sharded:  # the weights are read after sharding, below
+            saved = checkpoint.read_sharded_header(out)
+        else:
+            saved = checkpoint.load_resume_state(out)
+            model.load_state_dict(saved["model"])
         recipe = Recipe(**saved["recipe"])  # the saved run's recipe wins
-        model.load_state_dict(saved["model"])
         start_step, seconds_before, log = saved["step"], saved["seconds"], saved["log"]
     recipe.check()
     if recipe.batch_size % (world * recipe.grad_accum):
@@ -264,27 +323,41 @@ def fit(
                          f"{recipe.grad_accum} accumulation steps")
     if stage.num_examples < 1:
         raise ValueError("the stage has no training examples")
-    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, stage.decay_only_matrices),
-                                  lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
-    if resume:
-        optimizer.load_state_dict(saved["optimizer"])
-    wrapped = _LossOf(model, stage.loss)
-    if world > 1:  # buffers (masks) are the same everywhere: no need to broadcast them
-        wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     bf16 = recipe.precision == "bf16" or (recipe.precision == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+    wrapped = _LossOf(model, stage.loss)
+    if sharded:  # before the optimiser: fully_shard replaces the parameters by their slices
+        shard_model(wrapped, model, bf16)
+    elif world > 1:  # buffers (masks) are the same everywhere: no need to broadcast them
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    optimizer = torch.optim.AdamW(parameter_groups(model, recipe.weight_decay, stage.decay_only_matrices),
+                                  lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+    if resume and sharded:
+        checkpoint.load_sharded(out, model, optimizer)
+    elif resume:
+        optimizer.load_state_dict(saved["optimizer"])
     last_step = min(recipe.steps, stop_at) if stop_at is not None else recipe.steps
     saved_step = start_step if resume else None
 
     def save(step: int) -> None:
         nonlocal saved_step
-        if out is None or rank != 0:
+        if out is None or (rank != 0 and not sharded):
             return
-        if not _all_finite(model):
+        if not _all_finite(model, sharded):
             raise TrainingDiverged(f"the weights are not finite after step {step}; not saved. "
                                    + _on_disk(out, saved_step))
         seconds = seconds_before + time.perf_counter() - started
+        if sharded:  # every process writes its slices; the last step is also gathered into `out`
+            header = {"kind": model.kind, "config": asdict(model.config), "step": step, "recipe": asdict(recipe),
+                      "seconds": seconds, "train_seconds": round(seconds, 1), "log": log, **stage.metadata}
+            checkpoint.save_sharded(out, model, optimizer, header)
+            if rank == 0 and step == last_step:
+                checkpoint.gather_sharded(out, out, type(model), dtype=stage.save_dtype)
+            if log_path is not None and rank == 0:
+                write_csv_log(log_path, log)
+            saved_step = step
+            return
         checkpoint.save(model, out, dtype=stage.save_dtype, step=step, recipe=asdict(recipe),
                         train_seconds=round(seconds, 1), log=log, **stage.metadata)
         checkpoint.save_resume_state(out, {
@@ -310,14 +383,17 @@ def fit(
             terms = {}
             for micro, indices in enumerate(mine.chunk(recipe.grad_accum)):
                 batch = to_device(stage.batch(indices), device)
-                sync = world == 1 or micro == recipe.grad_accum - 1
-                with (nullcontext() if sync else wrapped.no_sync()), autocast():
+                sync = world == 1 or micro == recipe.grad_accum - 1  # average gradients on the last one only
+                if sharded:
+                    wrapped.set_requires_gradient_sync(sync)
+                with (nullcontext() if sync or sharded else wrapped.no_sync()), autocast():
                     losses = wrapped(batch, step)
                 (losses["loss"] / recipe.grad_accum).backward()
                 for name, value in losses.items():
                     terms[name] = terms.get(name, 0.0) + value.detach().float().item() / recipe.grad_accum
             clip = recipe.grad_clip if recipe.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = float(grad_norm.full_tensor() if sharded else grad_norm)  # sharded: a norm over all slices
             terms = _mean_over_processes(terms, world)
             if not (math.isfinite(terms["loss"]) and math.isfinite(grad_norm)):
                 raise TrainingDiverged(f"step {step + 1}: the loss is {terms['loss']:.4g} and the gradient norm "
@@ -333,15 +409,19 @@ def fit(
                 validate_now = recipe.eval_every and done % recipe.eval_every == 0 or done == recipe.steps
                 if stage.validate is not None and validate_now:
                     model.eval()
+                    if sharded:  # validation calls the model outside the root's forward: gather the root by hand
+                        wrapped.unshard()
                     with torch.no_grad(), autocast():
                         row.update({f"val_{k}": round(float(v), 6) for k, v in stage.validate(model).items()})
+                    if sharded:
+                        wrapped.reshard()
                     model.train()
                 log.append(row)
                 bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
             if done % recipe.save_every == 0 or done == last_step:
                 save(done)
     except KeyboardInterrupt:
-        if rank == 0 and out is not None and completed > (saved_step or 0):
+        if rank == 0 and not sharded and out is not None and completed > (saved_step or 0):
             save(completed)
             bar.write(f"interrupted: saved step {completed} to {out}; continue with --resume")
         raise

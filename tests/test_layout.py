@@ -6,7 +6,7 @@ from pathlib import Path
 import dalle_lesson
 
 PACKAGE = Path(dalle_lesson.__file__).parent
-MODEL_MODULES = ["vae", "dvae", "openai_dvae", "vqvae", "bpe", "attention", "dalle", "sampling"]
+MODEL_MODULES = ["vae", "dvae", "openai_dvae", "vqvae", "bpe", "attention", "dalle", "sampling", "plan"]
 ABOVE_THE_MODELS = {"train", "stages", "cli", "pipeline"}
 
 

@@ -342,6 +342,44 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_dvae)
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=0)
 
 
+def torchrun(*arguments, timeout=300):
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return subprocess.run([launcher if os.path.exists(launcher) else "torchrun", "--standalone", "--nproc_per_node",
+                           "2", "-m", "dalle_lesson.cli", *arguments], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
+    os.path.join(os.path.dirname(sys.executable), "torchrun")), reason="torchrun is not installed")
+def test_two_sharded_processes_match_one_and_resume_exactly(tmp_path, tiny_dvae):
+    """FSDP over 2 Gloo processes, stopped after 2 of 4 steps and resumed from the sharded
+    checkpoint: the same losses and final weights (to 1e-5) as one plain process; the
+    gathered file equals the one `gather` writes from the shards."""
+    arguments = [*stage_arguments("dalle", tmp_path, tiny_dvae), "--steps", "4", "--caption-dropout", "0",
+                 "--threads", "1", "--lr", "1e-2", "--warmup", "0"]  # big steps: a 1e-5 match means something
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    main([*arguments, "--out", str(one)])  # also fills the codes cache the two processes read
+    first = torchrun(*arguments, "--out", str(two), "--shard", "--stop-at", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert checkpoint.read_sharded_header(two)["step"] == 2
+    assert sorted(p.name for p in checkpoint.sharded_dir(two).iterdir()) == ["latest", "step-000002"]
+    second = torchrun(*arguments, "--out", str(two), "--resume")  # a sharded run resumes sharded
+    assert second.returncode == 0, second.stderr[-3000:]
+    a, b = final_weights(one), load_file(str(two))
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+    losses = [[float(row["loss"]) for row in csv.DictReader(open(path.with_suffix(".csv")))] for path in (one, two)]
+    assert len(losses[1]) == 4 and losses[0][-1] < losses[0][0] - 0.1  # the weights really moved
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5, rtol=0)
+    gathered = tmp_path / "gathered.safetensors"
+    main(["gather", str(two), "--out", str(gathered)])
+    assert all(torch.equal(b[name], tensor) for name, tensor in load_file(str(gathered)).items())
+    assert load_dalle(gathered).config == load_dalle(two).config
+    with pytest.raises(SystemExit, match="sharded run: resume it under torchrun"):
+        main(["train", "dalle", "--out", str(two), "--resume", *arguments[2:]])
+
+
 # ---- codes are computed once ----------------------------------------------------------------
 
 
