@@ -49,6 +49,9 @@ PAPER_GPU_FLOPS = 125e12  # the paper's V100: fp16 tensor-core peak, FLOP/s (an 
 DEFAULT_MFU = 0.4  # the fraction of that peak a well-tuned large training run sustains
 DEFAULT_GPU_MEMORY_GB = (80, 16)  # today's 80 GiB cards, and the paper's 16 GiB V100s
 RUNTIME_OVERHEAD_GB = 1.0  # estimate: CUDA context, NCCL buffers, allocator slack per GPU
+# ``train --shard`` left to itself (the engine's automatic choice, :func:`wants_sharding`):
+# shard when one process's fp32 training state would fill more than this fraction of its GPU.
+SHARD_ABOVE_FRACTION_OF_GPU = 0.5
 PRECISIONS = ("bf16", "fp32")
 ATTENTION_KERNELS = ("fused", "math")
 
@@ -545,6 +548,10 @@ def report(config: DALLEConfig, gpus=(1, 8, 64, 1024), shard: bool = False, chec
              f"{text}" for row in rows for gb, text in row.remedies.items()]
     if notes:
         lines += ["does not fit:", *notes]
+    parameters = parameter_count(c)["total"]
+    automatic = [f"{gb:g} GiB: {'yes' if wants_sharding(parameters, gb * GiB) else 'no'}" for gb in gpu_memory_gb]
+    lines += [f"train without --shard/--no-shard shards by itself on many GPUs of {', '.join(automatic)} "
+              f"(when 16 B x parameters > {SHARD_ABOVE_FRACTION_OF_GPU:g} x GPU memory)"]
     lines += ["", *_activation_lines(config, batch, checkpointing, precision, attention_kernel)]
     lines += ["", "per-GPU terms of the last row (GiB):"]
     lines += [f"  {name.replace('_', ' '):32s}{_gib(value, 3):>10}" for name, value in rows[-1].memory.terms().items()]
@@ -610,3 +617,9 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     return value
+
+
+def wants_sharding(parameters: int, gpu_memory_bytes: int) -> bool:
+    """The engine's automatic ``--shard``: would a full copy of the training state (16 bytes
+    per parameter) fill more than half of one GPU? ``wants_sharding(12_293_824_256, 80 * GiB) == True``."""
+    return parameters * sum(STATE_BYTES.values()) > SHARD_ABOVE_FRACTION_OF_GPU * gpu_memory_bytes

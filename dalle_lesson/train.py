@@ -53,7 +53,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from dalle_lesson import checkpoint
+from dalle_lesson import checkpoint, plan
 
 
 class TrainingDiverged(FloatingPointError):
@@ -237,19 +237,13 @@ def _all_finite(model: nn.Module, sharded: bool = False) -> bool:
     return finite
 
 
-# The size above which ``shard=None`` (auto) shards: when one process's copy of the training
-# state (fp32 weights, gradients and two AdamW moments: 16 bytes per parameter) would fill
-# more than half of the GPU. ``dalle-lesson plan`` shows the arithmetic for any preset.
-BYTES_PER_PARAMETER = 16
-SHARD_ABOVE_FRACTION_OF_GPU = 0.5
-
-
 def wants_sharding(model: nn.Module, device: torch.device, world: int) -> bool:
-    """The automatic choice: shard on many CUDA processes when DDP's full copy would not fit comfortably."""
+    """The automatic choice (``shard=None``): shard on many CUDA processes when a full copy of
+    the training state would fill more than half a GPU (the rule is :func:`dalle_lesson.plan.wants_sharding`)."""
     if world == 1 or device.type != "cuda":
         return False
-    state_bytes = BYTES_PER_PARAMETER * sum(p.numel() for p in model.parameters())
-    return state_bytes > SHARD_ABOVE_FRACTION_OF_GPU * torch.cuda.get_device_properties(device).total_memory
+    parameters = sum(p.numel() for p in model.parameters())
+    return plan.wants_sharding(parameters, torch.cuda.get_device_properties(device).total_memory)
 
 
 def shard_model(wrapped: nn.Module, model: nn.Module, bf16: bool) -> None:

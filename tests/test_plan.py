@@ -299,3 +299,11 @@ def test_cli_refuses_zero_gpus_or_batch(argv, message, capsys):
 def test_cli_refuses_nonsense_with_a_clear_message(argv, message):
     with pytest.raises(SystemExit, match=message):
         main(["plan", *argv])
+
+
+def test_the_engine_shards_by_itself_when_the_training_state_fills_half_a_gpu():
+    gpu = 16 * plan.GiB
+    at_half = gpu // 2 // 16  # 16 bytes of fp32 training state per parameter
+    assert not plan.wants_sharding(at_half, gpu) and plan.wants_sharding(at_half + 1, gpu)
+    assert plan.wants_sharding(plan.parameter_count(DALLEConfig.paper())["total"], 80 * plan.GiB)
+    assert not plan.wants_sharding(plan.parameter_count(DALLEConfig.tiny())["total"], 16 * plan.GiB)
