@@ -29,7 +29,7 @@ each process takes its share of the *same* global batch, two processes give the 
 weights as one process with the same ``batch_size`` (for a loss without random noise).
 
 DDP keeps a whole copy of the weights, gradients and AdamW moments on every process (16
-bytes per parameter: 190 GB for the 12-billion-parameter model). ``shard=True`` (``--shard``)
+bytes per parameter: 197 GB for the 12-billion-parameter model). ``shard=True`` (``--shard``)
 uses PyTorch's fully sharded data parallel instead (:func:`shard_model`): each process holds
 1/world of each, and a block's weights are gathered only while that block runs. Its
 checkpoints are sharded too (:func:`dalle_lesson.checkpoint.save_sharded`); the last one is
@@ -414,7 +414,7 @@ def fit(
                 bar.set_postfix(loss=f"{terms['loss']:.4g}", refresh=False)
             if done % recipe.save_every == 0 or done == last_step:
                 save(done)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (a sharded save needs every process; Ctrl-C under torchrun stops them all)
         if rank == 0 and not sharded and out is not None and completed > (saved_step or 0):
             save(completed)
             bar.write(f"interrupted: saved step {completed} to {out}; continue with --resume")
