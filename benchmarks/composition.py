@@ -38,12 +38,13 @@ from tqdm.auto import tqdm
 
 from dalle_lesson import evaluate
 from dalle_lesson.clip import clip_scores, load_clip
-from dalle_lesson.data import ShapesDataset, pil_to_tensor, render_scene
+from dalle_lesson.data import Scene, ShapesDataset, pil_to_tensor, render_scene
 from dalle_lesson.cli import add_sampling_arguments, sampling_options
 from dalle_lesson.pipeline import Pipeline
 
 CANDIDATE_COUNTS = (1, 4, 16, 64)
 RESULTS = Path(__file__).parent / "results" / "composition.json"
+SPLITS = (("training distribution", "test"), ("held-out combinations", "heldout"))  # (label, ShapesDataset split)
 
 
 def wilson(successes: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -66,14 +67,18 @@ def rate(flags: list[bool]) -> dict:
             "ci95": wilson(sum(flags), len(flags))}
 
 
+def split_captions(split: str, count: int, seed: int) -> list[tuple[Scene, str]]:
+    """The seeded (scene, caption) pairs of ``split`` that the benchmarks score."""
+    dataset = ShapesDataset(length=count, image_size=32, split=split, seed=seed)
+    return [(dataset.scene(i), dataset.caption(i)) for i in range(count)]
+
+
 def benchmark_split(pipeline: Pipeline, clip, split: str, count: int, seed: int, max_n: int, timing: dict,
                     sampling: dict | None = None) -> list[dict]:
     """Score every candidate of ``count`` captions of ``split``; return the per-caption records.
     ``sampling``: the options of :func:`dalle_lesson.sampling.generate` (temperature, top_k, ...)."""
-    dataset = ShapesDataset(length=count, image_size=32, split=split, seed=seed)
     records = []
-    for i in tqdm(range(count), desc=f"{split} captions"):
-        scene, caption = dataset.scene(i), dataset.caption(i)
+    for i, (scene, caption) in enumerate(tqdm(split_captions(split, count, seed), desc=f"{split} captions")):
         start = time.perf_counter()
         generation = pipeline(caption, num_images=max_n, seed=seed * 100_003 + i, **(sampling or {}))
         timing["sampling_s"] += time.perf_counter() - start
@@ -156,7 +161,7 @@ def main() -> None:
     counts = tuple(n for n in CANDIDATE_COUNTS if n <= max_n)
     timing = {"sampling_s": 0.0, "clip_s": 0.0, "images": 0}
     results = {}
-    for label, split in (("training distribution", "test"), ("held-out combinations", "heldout")):
+    for label, split in SPLITS:
         if args.split not in ("both", split):
             continue
         records = benchmark_split(pipeline, clip, split, args.captions, args.seed, max_n, timing, sampling)
