@@ -184,8 +184,8 @@ def main() -> None:
     print(table(report))
 
 
-def merge_reports(reports: list[dict]) -> dict:
-    """One report from one-split reports of the same settings; timings averaged per image."""
+def shared_settings(reports: list[dict]) -> dict:
+    """The settings (all but the split) that one-split reports share; refuse reports that differ."""
     def settings_of(report):
         return {key: value for key, value in report["settings"].items() if key != "split"}
 
@@ -193,6 +193,12 @@ def merge_reports(reports: list[dict]) -> dict:
     for other in reports[1:]:
         if settings_of(other) != settings:
             raise ValueError(f"these reports were made with different settings: {settings} and {settings_of(other)}")
+    return settings
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from one-split reports of the same settings; timings averaged per image."""
+    settings = shared_settings(reports)
     merged = {**reports[0], "settings": {**settings, "split": "both"}, "results": {}}
     for report in reports:
         merged["results"].update(report["results"])

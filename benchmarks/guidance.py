@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from composition import SPLITS, rate as composition_rate, report_header, split_captions
+from composition import SPLITS, rate as composition_rate, report_header, shared_settings, split_captions
 from dalle_lesson import evaluate
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
 from dalle_lesson.sampling import empty_text_ids, generate
@@ -188,13 +188,7 @@ def table(report: dict) -> str:
 
 def merge_reports(reports: list[dict]) -> dict:
     """One report from one-split reports of the same settings."""
-    def settings_of(report):
-        return {key: value for key, value in report["settings"].items() if key != "split"}
-
-    settings = settings_of(reports[0])
-    for other in reports[1:]:
-        if settings_of(other) != settings:
-            raise ValueError(f"these reports were made with different settings: {settings} and {settings_of(other)}")
+    settings = shared_settings(reports)
     merged = {**reports[0], "settings": {**settings, "split": "both"}, "results": {},
               "wall_seconds": round(sum(r["wall_seconds"] for r in reports), 1)}
     for report in reports:
