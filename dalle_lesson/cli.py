@@ -291,13 +291,21 @@ def _build_vqvae(args, recipe):
     return stages.vqvae_stage(model, images, validation_images=_shapes_validation(args, size))
 
 
-def _build_dalle(args, recipe):
-    from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
-    from dalle_lesson.dalle import DALLE, DALLEConfig
+def dalle_config(args: argparse.Namespace):
+    """The ``--preset`` DALLEConfig with the ``--d-model --layers --heads --attention`` that were
+    given (0 / None = the preset's); also returns those overrides."""
+    from dalle_lesson.dalle import DALLEConfig
 
     overrides = {key: value for key, value in (("d_model", args.d_model), ("n_layers", args.layers),
                                                 ("n_heads", args.heads), ("attention", args.attention)) if value}
-    config = {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}[args.preset](**overrides)
+    return {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}[args.preset](**overrides), overrides
+
+
+def _build_dalle(args, recipe):
+    from dalle_lesson.bpe import BPETokenizer, load_course_tokenizer, tokenize_batch
+    from dalle_lesson.dalle import DALLE
+
+    config, _ = dalle_config(args)
     tokenizer = BPETokenizer.load(args.tokenizer) if args.tokenizer else load_course_tokenizer()
     config.text_vocab_size = tokenizer.vocab_size
     progress = int(os.environ.get("RANK", "0")) == 0
@@ -576,14 +584,12 @@ def _add_tokenize_images(commands) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from dalle_lesson import plan
-    from dalle_lesson.dalle import DALLEConfig
 
     sizes = {"d_model": args.d_model, "n_layers": args.layers, "n_heads": args.heads}
     for flag, value in zip(("--d-model", "--layers", "--heads"), sizes.values()):
         if value < 0:
             raise ValueError(f"{flag} must be >= 1 (0 = the preset's), got {value}")
-    overrides = {key: value for key, value in {**sizes, "attention": args.attention}.items() if value}
-    config = {"tiny": DALLEConfig.tiny, "paper": DALLEConfig.paper}[args.preset](**overrides)
+    config, overrides = dalle_config(args)
     name = args.preset + "".join(f", {key}={value}" for key, value in overrides.items())
     print(plan.report(config, gpus=args.gpus, shard=args.shard, checkpointing=args.checkpointing, batch=args.batch,
                       gpu_memory_gb=args.gpu_memory_gb, precision=args.precision,
