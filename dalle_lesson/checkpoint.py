@@ -29,6 +29,7 @@ checkpoint, written by :func:`save_resume_state` and read with ``weights_only=Tr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -48,6 +49,8 @@ KIND_NAMES = {
     "vqvae": "VQ-VAE",
     "dalle": "DALL·E",
     "clip": "CLIP",
+    "unclip_decoder": "unCLIP decoder",
+    "unclip_prior": "unCLIP prior",
 }
 
 
@@ -80,6 +83,11 @@ def atomic_write(path: str | Path, write) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 12 hex digits of a file's SHA-256: records which file a model was made from."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def _umask() -> int:

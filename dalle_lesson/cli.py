@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_lesson import checkpoint, stages
+from dalle_lesson import checkpoint, data, stages
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS
 from dalle_lesson.train import Recipe, TrainingDiverged, fit, seed_everything, summary
 
@@ -400,6 +400,7 @@ def _add_train(commands) -> None:
     dalle.set_defaults(run=_train, build=_build_dalle)
 
     _add_train_clip(stage_parsers)
+    _add_train_unclip(stage_parsers)
 
     bpe = _parser(stage_parsers, "bpe", "lesson 03: a byte-level BPE tokenizer (its merges file)")
     bpe.add_argument("--vocab-size", type=positive_int, default=1024, help="512 byte symbols + merges")
@@ -471,6 +472,58 @@ def _build_clip(args, recipe):
         # every kind of difference about equally often: relations exist only in two-object scenes
         validation = clip.hard_negative_pairs(args.val_images // 2, config.image_size, "test", weights=(1, 1, 1, 3))
     return stages.clip_stage(clip.CourseCLIP(config), images, captions, validation, keys=keys, pairs=pairs)
+
+
+# ---- train decoder / prior (lesson 08) ------------------------------------------------------
+
+
+def _add_train_unclip(stage_parsers) -> None:
+    """``train decoder`` and ``train prior``: DALL·E 2's two stages at course size (lesson 08)."""
+    helps = {"decoder": "lesson 08: unCLIP's decoder, a CLIP image vector -> dVAE codes of its picture",
+             "prior": "lesson 08: unCLIP's prior, a caption's CLIP vector -> its picture's CLIP vector"}
+    for stage, help in helps.items():
+        parser = _parser(stage_parsers, stage, help)
+        add_core_arguments(parser, stage, ["lesson"], f"unclip_{stage}.safetensors")
+        add_dataset_arguments(parser, image_size=32)
+        parser.add_argument("--clip", default=None, help="CLIP checkpoint (default: the shipped lesson CLIP)")
+        parser.add_argument("--dvae", default=None, help="dVAE checkpoint (default: the shipped lesson dVAE)")
+        parser.add_argument("--cache-dir", default=None, help="where codes are cached (default ~/.cache/dalle_lesson)")
+        parser.add_argument("--train-images", type=positive_int, default=20_000)
+        parser.add_argument("--val-images", type=int, default=300, help="test-split shapes pictures for validation")
+        parser.add_argument("--width", type=positive_int, default=128 if stage == "decoder" else 512,
+                            help="channels of the decoder's convolutions / width of the prior's MLP")
+        parser.set_defaults(run=_train, build=_build_unclip)
+
+
+def _build_unclip(args, recipe):
+    from dalle_lesson import unclip
+    from dalle_lesson.dvae import load_dvae
+
+    dvae_file = Path(args.dvae) if args.dvae else data.shipped_path("dvae_lesson.safetensors")
+    dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
+    name = stages.codes_cache_name(dataset, f"{args.dataset}-train")
+    codes, captions = stages.cached_codes(dataset, name, dvae_file, args.cache_dir)
+    images = stages.preload_images(dataset, len(dataset))
+    image_vectors, text_vectors, clip_digest = stages.clip_vectors(args.clip, images, captions)
+    metadata = {"clip": clip_digest, "dvae": stages.file_digest(dvae_file), "data": name}
+    validation = None
+    if args.dataset == "shapes" and args.val_images > 0:
+        test = stages.make_dataset("shapes", args.image_size, "test", length=args.val_images)
+        test_captions = [test.caption(i) for i in range(len(test))]
+        test_images, test_texts, _ = stages.clip_vectors(args.clip, stages.preload_images(test, len(test)),
+                                                         test_captions)
+        validation = ((load_dvae(dvae_file), test_images, test_captions) if args.stage == "decoder"
+                      else (test_texts, test_images))
+    embed_dim = image_vectors.shape[1]
+    if args.stage == "decoder":
+        dvae_config = load_dvae(dvae_file).config
+        config = unclip.DecoderConfig(embed_dim=embed_dim, grid_size=dvae_config.grid_size,
+                                      vocab_size=dvae_config.vocab_size, width=args.width)
+        return stages.unclip_decoder_stage(unclip.EmbeddingDecoder(config), image_vectors, codes, validation,
+                                           metadata)
+    config = unclip.PriorConfig(embed_dim=embed_dim, width=args.width)
+    return stages.unclip_prior_stage(unclip.EmbeddingPrior(config), text_vectors, image_vectors, validation,
+                                     metadata)
 
 
 def _train_bpe(args: argparse.Namespace) -> None:

@@ -453,7 +453,7 @@ def dvae_facts(dvae_path=None) -> dict:
          "vocab_size": 512, "image_size": 32}
     """
     from dalle_lesson.dvae import DVAEConfig
-    from dalle_lesson.stages import file_digest  # the digest cached_codes names its files by
+    from dalle_lesson.checkpoint import file_digest  # the digest cached_codes names its files by
 
     path = Path(dvae_path) if dvae_path is not None else data.shipped_path("dvae_lesson.safetensors")
     if not path.is_file():

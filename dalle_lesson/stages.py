@@ -14,7 +14,6 @@ except where ``data/README.md`` says otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dalle_lesson import data
+from dalle_lesson.checkpoint import file_digest  # names caches after the dVAE that made them
 from dalle_lesson.dalle import DALLE, validation_loss
 from dalle_lesson.dvae import DiscreteVAE, DVAESchedule, evaluate_dvae, load_dvae
 from dalle_lesson.dvae import training_loss as dvae_loss
@@ -45,6 +45,11 @@ RECIPES = {
     # lesson 06: CLIP's AdamW (betas 0.9 / 0.98, decay 0.1 on matrices), warm-up, clip 1
     "clip": Recipe(steps=5000, batch_size=64, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,
                    weight_decay=0.1, beta2=0.98, grad_clip=1.0, eval_every=250, save_every=250),
+    # lesson 08: the unCLIP decoder and prior, plain AdamW with warm-up and cosine decay
+    "decoder": Recipe(steps=2000, batch_size=64, lr=2e-3, warmup_steps=100, final_lr_fraction=0.01,
+                      grad_clip=1.0, eval_every=500, save_every=500),
+    "prior": Recipe(steps=3000, batch_size=256, lr=1e-3, warmup_steps=100, final_lr_fraction=0.01,
+                    weight_decay=1e-4, grad_clip=1.0, eval_every=500, save_every=500),
 }
 
 
@@ -102,11 +107,6 @@ def encode_dataset(dvae: DiscreteVAE, dataset, batch_size: int = 256, device="cp
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DALLE_LESSON_CACHE", Path.home() / ".cache" / "dalle_lesson"))
-
-
-def file_digest(path: Path) -> str:
-    """The first 12 hex digits of a file's SHA-256: names caches after the dVAE that made them."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
 def cached_codes(dataset, name: str, dvae_path: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -273,3 +273,59 @@ def clip_stage(model, images: torch.Tensor, captions: list[str], validation=None
         validate = lambda model: evaluate_clip(model, *validation, **extra)  # noqa: E731
     return Stage(model, loss, batch=batch, num_examples=len(images), validate=validate, decay_only_matrices=True,
                  metadata={"pairs": pairs, "meanings": len(names)})
+
+
+def clip_vectors(clip_path: str | Path | None, images: torch.Tensor, captions: list[str]):
+    """Lesson 08: the course CLIP's unit vectors of images (uint8) and of their captions,
+    and the CLIP file's digest (which the unCLIP checkpoints record)."""
+    from dalle_lesson.clip import SHIPPED, embed, load_clip
+
+    clip_file = Path(clip_path) if clip_path is not None else data.shipped_path(SHIPPED)
+    image_vectors, text_vectors = embed(load_clip(clip_file), images, captions)
+    return image_vectors, text_vectors, file_digest(clip_file)
+
+
+def unclip_decoder_stage(model, image_vectors: torch.Tensor, codes: torch.Tensor, validation=None,
+                         metadata: dict | None = None) -> Stage:
+    """Lesson 08: CLIP image vector -> the dVAE codes of its picture, centred (``unclip.centred``).
+
+    ``validation``: ``(dvae, image_vectors, captions)`` of pictures it is not trained on;
+    their decoded pictures are read by the course scorer against those captions.
+    """
+    from dalle_lesson.unclip import centred, decoder_accuracy, decoder_loss
+
+    if len(image_vectors) != len(codes):
+        raise ValueError(f"{len(image_vectors)} image vectors but {len(codes)} code grids")
+    c = model.config
+    if image_vectors.shape[1] != c.embed_dim or tuple(codes.shape[1:]) != (c.grid_size, c.grid_size):
+        raise ValueError(f"the decoder wants vectors of {c.embed_dim} and {c.grid_size}x{c.grid_size} grids, "
+                         f"got {tuple(image_vectors.shape[1:])} and {tuple(codes.shape[1:])}")
+    targets = centred(codes.long())
+    validate = None
+    if validation is not None:
+        validate = lambda model: decoder_accuracy(model, *validation)  # noqa: E731
+    return Stage(model, lambda model, batch, step: decoder_loss(model, *batch),
+                 batch=lambda indices: (image_vectors[indices], targets[indices]), num_examples=len(codes),
+                 validate=validate, metadata=metadata or {})
+
+
+def unclip_prior_stage(model, text_vectors: torch.Tensor, image_vectors: torch.Tensor, validation=None,
+                       metadata: dict | None = None) -> Stage:
+    """Lesson 08: a caption's CLIP vector -> its picture's CLIP vector (cosine loss).
+
+    ``validation``: ``(text_vectors, image_vectors)`` of other pairs; reports their mean cosine.
+    """
+    from dalle_lesson.unclip import prior_loss
+
+    if text_vectors.shape != image_vectors.shape:
+        raise ValueError(f"text vectors {tuple(text_vectors.shape)} and image vectors "
+                         f"{tuple(image_vectors.shape)} must pair up one to one")
+
+    def validate(model):
+        with torch.no_grad():
+            return {"cosine": float(prior_loss(model, *validation)["cosine"])}
+
+    return Stage(model, lambda model, batch, step: prior_loss(model, *batch),
+                 batch=lambda indices: (text_vectors[indices], image_vectors[indices]),
+                 num_examples=len(text_vectors), validate=validate if validation is not None else None,
+                 metadata=metadata or {})
