@@ -485,13 +485,15 @@ def _add_train_unclip(stage_parsers) -> None:
         parser = _parser(stage_parsers, stage, help)
         add_core_arguments(parser, stage, ["lesson"], f"unclip_{stage}.safetensors")
         add_dataset_arguments(parser, image_size=32)
-        parser.add_argument("--clip", default=None, help="CLIP checkpoint (default: the shipped lesson CLIP)")
-        parser.add_argument("--dvae", default=None, help="dVAE checkpoint (default: the shipped lesson dVAE)")
-        parser.add_argument("--cache-dir", default=None, help="where codes are cached (default ~/.cache/dalle_lesson)")
+        parser.add_argument("--clip", default=None, help="CLIP checkpoint; none: the shipped lesson CLIP")
+        parser.add_argument("--dvae", default=None, help="dVAE checkpoint; none: the shipped lesson dVAE")
         parser.add_argument("--train-images", type=positive_int, default=20_000)
         parser.add_argument("--val-images", type=int, default=300, help="test-split shapes pictures for validation")
         parser.add_argument("--width", type=positive_int, default=128 if stage == "decoder" else 512,
                             help="channels of the decoder's convolutions / width of the prior's MLP")
+        if stage == "decoder":
+            parser.add_argument("--centre", action=argparse.BooleanOptionalAction, default=True,
+                                help="learn the codes of each picture moved to the middle (unclip.centred)")
         parser.set_defaults(run=_train, build=_build_unclip)
 
 
@@ -501,9 +503,10 @@ def _build_unclip(args, recipe):
 
     dvae_file = Path(args.dvae) if args.dvae else data.shipped_path("dvae_lesson.safetensors")
     dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
-    name = stages.codes_cache_name(dataset, f"{args.dataset}-train")
-    codes, captions = stages.cached_codes(dataset, name, dvae_file, args.cache_dir)
     images = stages.preload_images(dataset, len(dataset))
+    captions = ([dataset.caption(i) for i in range(len(images))] if args.dataset == "shapes"
+                else [caption for _, caption in dataset.items] if args.dataset == "folder" else list(dataset.names))
+    name = f"{args.dataset}-train-{len(images)}-{args.image_size}"
     image_vectors, text_vectors, clip_digest = stages.clip_vectors(args.clip, images, captions)
     metadata = {"clip": clip_digest, "dvae": stages.file_digest(dvae_file), "data": name}
     validation = None
@@ -516,9 +519,11 @@ def _build_unclip(args, recipe):
                       else (test_texts, test_images))
     embed_dim = image_vectors.shape[1]
     if args.stage == "decoder":
-        dvae_config = load_dvae(dvae_file).config
-        config = unclip.DecoderConfig(embed_dim=embed_dim, grid_size=dvae_config.grid_size,
-                                      vocab_size=dvae_config.vocab_size, width=args.width)
+        dvae = load_dvae(dvae_file)
+        codes = unclip.decoder_targets(dvae, images, centre=args.centre)
+        metadata["centred"] = args.centre
+        config = unclip.DecoderConfig(embed_dim=embed_dim, grid_size=dvae.config.grid_size,
+                                      vocab_size=dvae.config.vocab_size, width=args.width)
         return stages.unclip_decoder_stage(unclip.EmbeddingDecoder(config), image_vectors, codes, validation,
                                            metadata)
     config = unclip.PriorConfig(embed_dim=embed_dim, width=args.width)

@@ -287,12 +287,13 @@ def clip_vectors(clip_path: str | Path | None, images: torch.Tensor, captions: l
 
 def unclip_decoder_stage(model, image_vectors: torch.Tensor, codes: torch.Tensor, validation=None,
                          metadata: dict | None = None) -> Stage:
-    """Lesson 08: CLIP image vector -> the dVAE codes of its picture, centred (``unclip.centred``).
+    """Lesson 08: CLIP image vector -> the dVAE codes of its picture (``codes``: of the
+    picture moved to the middle, ``unclip.decoder_targets``).
 
     ``validation``: ``(dvae, image_vectors, captions)`` of pictures it is not trained on;
     their decoded pictures are read by the course scorer against those captions.
     """
-    from dalle_lesson.unclip import centred, decoder_accuracy, decoder_loss
+    from dalle_lesson.unclip import decoder_accuracy, decoder_loss
 
     if len(image_vectors) != len(codes):
         raise ValueError(f"{len(image_vectors)} image vectors but {len(codes)} code grids")
@@ -300,7 +301,7 @@ def unclip_decoder_stage(model, image_vectors: torch.Tensor, codes: torch.Tensor
     if image_vectors.shape[1] != c.embed_dim or tuple(codes.shape[1:]) != (c.grid_size, c.grid_size):
         raise ValueError(f"the decoder wants vectors of {c.embed_dim} and {c.grid_size}x{c.grid_size} grids, "
                          f"got {tuple(image_vectors.shape[1:])} and {tuple(codes.shape[1:])}")
-    targets = centred(codes.long())
+    targets = codes.long()
     validate = None
     if validation is not None:
         validate = lambda model: decoder_accuracy(model, *validation)  # noqa: E731

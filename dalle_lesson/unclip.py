@@ -20,10 +20,10 @@ The course's decoder, :class:`EmbeddingDecoder`, is small and deterministic: a f
 convolutions that map an image vector to a grid of the lesson dVAE's codes, trained with
 cross-entropy against the codes of the picture the vector came from. One vector stands for
 many pictures (CLIP keeps what the caption says, not where the objects sit), and a
-deterministic decoder can only draw one of them; trained on raw grids it learns the
-*average* over positions, which is an empty canvas. So it is trained on grids shifted so
-that their objects sit in the middle (:func:`centred`): the scorer never asks where a
-picture's objects are, only what they are and how they relate. DALL·E 2's decoder is a
+deterministic decoder can only draw one of them; trained on the pictures as they are it
+learns the *average* over positions, which is an empty canvas. So it is trained on the
+codes of the pictures moved so that their objects sit in the middle (:func:`centred`): the
+scorer never asks where a picture's objects are, only what they are and how they relate. DALL·E 2's decoder is a
 diffusion model instead, which *samples* the details the vector leaves open.
 
 The prior, :class:`EmbeddingPrior`, maps a caption's vector to an image vector. A caption's
@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from dalle_lesson import checkpoint, data, evaluate
 from dalle_lesson.clip import CourseCLIP
@@ -115,33 +116,43 @@ def text_diff(image_vector: torch.Tensor, source_text: torch.Tensor, target_text
 # --------------------------------------------------------------------------------------
 
 
-def background_code(grid: torch.Tensor) -> int:
-    """The most common code of a grid: on Shapes pictures, the code of an empty patch."""
-    return int(grid.flatten().mode().values)
+def border_colour(image: torch.Tensor) -> torch.Tensor:
+    """The most common colour ``[C]`` on the edge of an image ``[C, S, S]``: its background.
 
-
-def centred(codes: torch.Tensor) -> torch.Tensor:
-    """Each grid ``[N, h, w]`` shifted so that the bounding box of its non-background cells
-    sits in the middle; the cells shifted in are background. What the picture shows, and
-    how its objects relate, is unchanged; only where they sit.
-
-    >>> centred(torch.tensor([[[5, 0, 0], [0, 0, 0], [0, 0, 0]]]))
-    tensor([[[0, 0, 0],
-             [0, 5, 0],
-             [0, 0, 0]]])
+    >>> border_colour(torch.tensor([[[7, 7, 7], [7, 0, 7], [7, 7, 7]]]))
+    tensor([7])
     """
-    out = codes.clone()
-    h, w = codes.shape[1:]
-    for grid, shifted in zip(codes, out):
-        background = background_code(grid)
-        cells = (grid != background).nonzero()  # [n, 2] rows and columns of the objects
-        if len(cells) == 0:
-            continue
-        (top, left), (bottom, right) = cells.min(0).values.tolist(), cells.max(0).values.tolist()
-        down, across = (h - 1 - bottom - top) // 2, (w - 1 - right - left) // 2
-        shifted.fill_(background)
-        shifted[max(0, down):h + min(0, down), max(0, across):w + min(0, across)] = \
-            grid[max(0, -down):h - max(0, down), max(0, -across):w - max(0, across)]
+    edge = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # [C, 4S]
+    colours, counts = edge.T.unique(dim=0, return_counts=True)
+    return colours[counts.argmax()]
+
+
+def centred(images: torch.Tensor, tolerance: int = 24) -> torch.Tensor:
+    """Each picture (uint8 ``[N, C, S, S]``) moved by whole pixels so that the bounding box of
+    its objects (pixels unlike the border colour by more than ``tolerance`` in some channel)
+    sits in the middle; the pixels moved in are background. What the picture shows, and how
+    its objects relate, is unchanged; only where they sit.
+
+    >>> centred(torch.tensor([[[[99, 0, 0], [0, 0, 0], [0, 0, 0]]]], dtype=torch.uint8))[0, 0]
+    tensor([[ 0,  0,  0],
+            [ 0, 99,  0],
+            [ 0,  0,  0]], dtype=torch.uint8)
+    """
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"centred wants uint8 pictures [N, C, S, S], got {images.dtype} {tuple(images.shape)}")
+    out = images.clone()
+    size = images.shape[-1]
+    for image, moved in zip(images, out):
+        background = border_colour(image)
+        objects = ((image.int() - background[:, None, None].int()).abs() > tolerance).any(0)  # [S, S]
+        rows, columns = objects.any(1).nonzero(), objects.any(0).nonzero()
+        if len(rows) == 0:
+            continue  # an empty picture stays as it is
+        down = (size - 1 - int(rows.max()) - int(rows.min())) // 2
+        across = (size - 1 - int(columns.max()) - int(columns.min())) // 2
+        moved[:] = background[:, None, None]
+        moved[:, max(0, down):size + min(0, down), max(0, across):size + min(0, across)] = \
+            image[:, max(0, -down):size - max(0, down), max(0, -across):size - max(0, across)]
     return out
 
 
@@ -195,8 +206,20 @@ class EmbeddingDecoder(nn.Module):
         return self(vectors).argmax(1)
 
 
+@torch.no_grad()
+def decoder_targets(dvae: DiscreteVAE, images: torch.Tensor, centre: bool = True, batch_size: int = 500,
+                    progress: bool = True) -> torch.Tensor:
+    """What the decoder learns to write: the dVAE codes ``[N, h, w]`` of pictures (uint8),
+    moved to the middle first (:func:`centred`) unless ``centre`` is False."""
+    chunks = []
+    for chunk in tqdm(images.split(batch_size), desc="decoder targets", leave=False, disable=not progress):
+        chunk = centred(chunk) if centre else chunk
+        chunks.append(dvae.encode(chunk.float() / 255))
+    return torch.cat(chunks)
+
+
 def decoder_loss(model: EmbeddingDecoder, vectors: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Cross-entropy of the decoder's logits against the (centred) code grids, and the
+    """Cross-entropy of the decoder's logits against the code grids (:func:`decoder_targets`), and the
     fraction of cells it gets right."""
     logits = model(vectors)  # (B, vocab, h, w)
     return {"loss": F.cross_entropy(logits, codes), "cell_acc": (logits.argmax(1) == codes).float().mean()}
