@@ -11,10 +11,11 @@
     pipeline     caption -> tokens -> codes -> pixels, the whole thing                    lesson 05
     clip         a small CLIP (open_clip's model and loss): zero-shot, reranking         lesson 06
     evaluate     the scorer: reads a Shapes picture against its caption, per attribute  lesson 06
-    clip_guided  CLIP-guided generation: optimise dVAE codes until CLIP agrees        lesson 08
     openai_dvae  OpenAI's released dVAE weights, read without running pickled code        lesson 07
     plan         the paper's model on paper: parameters, memory per GPU, FLOPs, time      lesson 07
     shards       WebDataset tar shards of images or of dVAE codes, one share per process  lesson 07
+    clip_guided  CLIP-guided generation: optimise dVAE codes until CLIP agrees            lesson 08
+    unclip       DALL·E 2's ideas: retrieval, slerp, text diffs, a decoder and a prior    lesson 08
 
 Beneath them, ``checkpoint`` (one safetensors format for every model) and ``viz`` (plots).
 Above them, ``train`` (the one training engine: one process, DDP or FSDP), ``stages`` (each stage as something the

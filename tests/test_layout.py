@@ -6,7 +6,8 @@ from pathlib import Path
 import dalle_lesson
 
 PACKAGE = Path(dalle_lesson.__file__).parent
-MODEL_MODULES = ["vae", "dvae", "openai_dvae", "vqvae", "bpe", "attention", "dalle", "sampling", "plan"]
+MODEL_MODULES = ["vae", "dvae", "openai_dvae", "vqvae", "bpe", "attention", "dalle", "sampling", "plan", "clip",
+                 "evaluate", "clip_guided", "unclip"]
 ABOVE_THE_MODELS = {"train", "stages", "cli", "pipeline"}
 
 

@@ -50,8 +50,8 @@ def test_the_course_clip_finds_a_scene_from_its_caption_and_back():
     i2t = unclip.recall_at_k(retrieve(image_vectors, text_vectors, k=5)[1], keys, keys)
     shuffled = keys[1:] + keys[:1]  # the same retrieval judged against the wrong scenes
     wrong = unclip.recall_at_k(retrieve(text_vectors, image_vectors, k=5)[1], keys, shuffled)
-    # Measured: recall@5 caption -> picture 0.97, picture -> caption 0.96; the wrong key 0.05
-    assert t2i > 0.85 and i2t > 0.85 and wrong < 0.25, (t2i, i2t, wrong)
+    # Measured: recall@5 caption -> picture 1.00, picture -> caption 1.00; against the wrong keys 0.05
+    assert t2i > 0.9 and i2t > 0.9 and wrong < 0.25, (t2i, i2t, wrong)
 
 
 def test_slerp_walks_the_great_circle_at_constant_speed():
@@ -194,9 +194,10 @@ def test_the_shipped_decoder_draws_back_what_the_vector_of_a_test_picture_says(s
     through_image = unclip.decoder_accuracy(shipped.decoder, shipped.dvae, image_vectors, captions)
     through_prior = unclip.decoder_accuracy(shipped.decoder, shipped.dvae, shipped.prior(text_vectors), captions)
     shuffled = unclip.decoder_accuracy(shipped.decoder, shipped.dvae, image_vectors.roll(1, 0), captions)
-    # Measured: FILL
-    assert through_image["full_match"] > 0.0 and shuffled["full_match"] < 0.2, (through_image, shuffled)
-    assert through_prior["full_match"] > 0.0
+    # Measured (100 test pictures): full match through the picture's vector 0.47, through the prior
+    # from the caption 0.49, the caption's own vector 0.44; another picture's vector 0.01
+    assert through_image["full_match"] > 0.3 and shuffled["full_match"] < 0.1, (through_image, shuffled)
+    assert through_prior["full_match"] > 0.3, through_prior
 
 
 def test_cli_trains_a_decoder_and_a_prior_for_two_steps(tmp_path, one_thread, capsys):
