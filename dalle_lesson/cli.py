@@ -493,7 +493,8 @@ def _add_train_unclip(stage_parsers) -> None:
                             help="channels of the decoder's convolutions / width of the prior's MLP")
         if stage == "decoder":
             parser.add_argument("--centre", action=argparse.BooleanOptionalAction, default=True,
-                                help="learn the codes of each picture moved to the middle (unclip.centred)")
+                                help="learn the codes of each picture moved to the middle (unclip.centred); "
+                                     "--no-centre for photos, whose background is not one colour")
         parser.set_defaults(run=_train, build=_build_unclip)
 
 

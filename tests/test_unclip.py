@@ -213,3 +213,23 @@ def test_cli_trains_a_decoder_and_a_prior_for_two_steps(tmp_path, one_thread, ca
         assert meta["clip"] == checkpoint.file_digest(data.shipped_path("clip_lesson.safetensors"))
     assert unclip.load_decoder(tmp_path / "decoder.safetensors").config.grid_size == 16
     assert math.isfinite(checkpoint.read_metadata(tmp_path / "prior.safetensors")["log"][-1]["val_cosine"])
+
+
+def test_cli_trains_a_decoder_on_a_folder_of_captioned_pictures(tmp_path, one_thread, capsys):
+    from PIL import Image
+
+    from dalle_lesson.cli import main
+
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    shapes = data.ShapesDataset(length=4, image_size=32, split="train")
+    for i in range(4):
+        image, caption = shapes[i]
+        Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(caption)
+    out = tmp_path / "decoder.safetensors"
+    main(["train", "decoder", "--dataset", "folder", "--folder", str(folder), "--steps", "1", "--batch-size", "2",
+          "--width", "8", "--no-centre", "--threads", "1", "--out", str(out)])
+    assert "4 training examples" in capsys.readouterr().out
+    meta = checkpoint.read_metadata(out)
+    assert meta["centred"] is False and meta["data"] == "folder-train-4-32"
