@@ -41,14 +41,13 @@ from pathlib import Path
 import torch
 
 # Run as a script, so benchmarks/ is on the path: the caption choice and the rates of composition.py.
-from composition import SPLITS, attribute_flags, rate, report_header, split_captions
+from composition import ATTRIBUTES, SPLITS, one_picture_rates, report_header, split_captions
 
-from dalle_lesson import clip_guided, evaluate
+from dalle_lesson import clip_guided
 from dalle_lesson.clip import clip_scores, load_clip
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
 
 RESULTS = Path(__file__).parent / "results" / "clip_guided.json"
-ATTRIBUTES = ("colour", "shape", "size", "relation", "count")
 # The settings of clip_guided.generate this script exposes, with the package's defaults (chosen on training captions).
 GENERATE_DEFAULTS = {name: p.default for name, p in inspect.signature(clip_guided.generate).parameters.items()
                      if name in ("steps", "lr", "tau", "augmentations", "hard", "max_shift", "noise", "init_std")}
@@ -87,11 +86,7 @@ def transformer_pictures(pipeline: Pipeline, clip, captions: list[str], seed: in
 
 def summarize(images: torch.Tensor, captions: list[str], clip) -> dict:
     """Full match and per-attribute rates of one picture per caption, and CLIP's mean score of them."""
-    judged = [s for s in evaluate.score_batch(images, captions) if s.scorable]
-    flags = [attribute_flags(s) for s in judged]
-    out = {"captions": len(judged), "full_match": rate([bool(s.full_match) for s in judged])}
-    for attribute in ATTRIBUTES:
-        out[attribute] = rate([f[attribute] for f in flags if f[attribute] is not None])
+    out = one_picture_rates(images, captions)
     out["clip_score_mean"] = round(float(clip_scores(clip, images, captions).mean()), 4)
     return out
 

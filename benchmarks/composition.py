@@ -67,6 +67,19 @@ def rate(flags: list[bool]) -> dict:
             "ci95": wilson(sum(flags), len(flags))}
 
 
+ATTRIBUTES = ("colour", "shape", "size", "relation", "count")
+
+
+def one_picture_rates(images, captions: list[str]) -> dict:
+    """Full-match and per-attribute rates of one picture per caption (the scorable captions)."""
+    judged = [s for s in evaluate.score_batch(images, captions) if s.scorable]
+    flags = [attribute_flags(s) for s in judged]
+    out = {"captions": len(judged), "full_match": rate([bool(s.full_match) for s in judged])}
+    for attribute in ATTRIBUTES:
+        out[attribute] = rate([f[attribute] for f in flags if f[attribute] is not None])
+    return out
+
+
 def split_captions(split: str, count: int, seed: int) -> list[tuple[Scene, str]]:
     """The seeded (scene, caption) pairs of ``split`` that the benchmarks score."""
     dataset = ShapesDataset(length=count, image_size=32, split=split, seed=seed)

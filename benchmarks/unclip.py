@@ -36,14 +36,13 @@ from pathlib import Path
 import torch
 
 # Run as a script, so benchmarks/ is on the path: the caption choice and the rates of composition.py.
-from composition import SPLITS, attribute_flags, rate, report_header, split_captions
+from composition import ATTRIBUTES, SPLITS, one_picture_rates, rate, report_header, split_captions
 
 from dalle_lesson import data, evaluate, unclip
 from dalle_lesson.clip import _render, embed, scene_key
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
 
 RESULTS = Path(__file__).parent / "results" / "unclip.json"
-ATTRIBUTES = ("colour", "shape", "size", "relation", "count")
 AMOUNTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 FRAMES = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -65,28 +64,18 @@ def retrieval(image_vectors, text_vectors, keys) -> dict:
     return out
 
 
-def scored(images: torch.Tensor, captions: list[str]) -> dict:
-    """Full-match and per-attribute rates of one picture per caption."""
-    judged = [s for s in evaluate.score_batch(images, captions) if s.scorable]
-    flags = [attribute_flags(s) for s in judged]
-    out = {"captions": len(judged), "full_match": rate([bool(s.full_match) for s in judged])}
-    for attribute in ATTRIBUTES:
-        out[attribute] = rate([f[attribute] for f in flags if f[attribute] is not None])
-    return out
-
-
 def caption_to_picture(model: unclip.UnCLIP, pipeline: Pipeline, captions: list[str], seed: int) -> dict:
     """unCLIP with and without its prior, and the transformer's first sample, for the same captions."""
     out = {}
     for name, use_prior in (("unclip_prior", True), ("unclip_caption_vector", False)):
         start = time.perf_counter()
         images = model(captions, use_prior=use_prior)
-        out[name] = {**scored(images, captions), "s_per_image": round((time.perf_counter() - start) / len(captions), 4)}
+        out[name] = {**one_picture_rates(images, captions), "s_per_image": round((time.perf_counter() - start) / len(captions), 4)}
     start, images = time.perf_counter(), []
     for i, caption in enumerate(captions):
         images.append(pipeline(caption, num_images=1, seed=seed * 100_003 + i, **SAMPLING_DEFAULTS).images[0])
     seconds = (time.perf_counter() - start) / len(captions)
-    out["transformer_n1"] = {**scored(torch.stack(images), captions), "s_per_image": round(seconds, 4)}
+    out["transformer_n1"] = {**one_picture_rates(torch.stack(images), captions), "s_per_image": round(seconds, 4)}
     return out
 
 
@@ -152,7 +141,7 @@ def main() -> None:
             keys = [scene_key(s) for s in scenes]
             results[label] = {
                 "retrieval": retrieval(image_vectors, text_vectors, keys),
-                "round_trip": scored(model.decode(image_vectors), captions),
+                "round_trip": one_picture_rates(model.decode(image_vectors), captions),
                 "caption_to_picture": caption_to_picture(
                     model, pipeline, [c for _, c in split_captions(split, args.captions, args.seed)], args.seed),
             }
