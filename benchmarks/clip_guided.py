@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import time
 from pathlib import Path
 
 import torch
 
 # Run as a script, so benchmarks/ is on the path: the caption choice and the rates of composition.py.
-from composition import ATTRIBUTES, SPLITS, one_picture_rates, report_header, split_captions
+from composition import ATTRIBUTES, SPLITS, one_picture_rates, report_header, split_captions, write_report
 
 from dalle_lesson import clip_guided
 from dalle_lesson.clip import clip_scores, load_clip
@@ -140,10 +139,7 @@ def main() -> None:
         "results": results,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(table(report))
-    print(f"\nwrote {out} ({report['wall_time_s']:.0f} s)")
+    write_report(report, out, table(report))
 
 
 def table(report: dict) -> str:

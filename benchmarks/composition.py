@@ -139,6 +139,14 @@ def summarize_groups(records: list[dict], counts: tuple[int, ...] = CANDIDATE_CO
             "two objects": summarize([r for r in records if r["objects"] == 2], counts)}
 
 
+def write_report(report: dict, out: Path, table: str) -> None:
+    """Write a results file (JSON) and print its table and where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table)
+    print(f"\nwrote {out} ({report['wall_time_s']:.0f} s)")
+
+
 def report_header(benchmark: str, threads: int) -> dict:
     """What every results file starts with: the benchmark, when, torch, the machine."""
     return {"benchmark": benchmark, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -28,7 +28,6 @@ Writes benchmarks/results/unclip.json and prints tables.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 
 # Run as a script, so benchmarks/ is on the path: the caption choice and the rates of composition.py.
-from composition import ATTRIBUTES, SPLITS, one_picture_rates, rate, report_header, split_captions
+from composition import ATTRIBUTES, SPLITS, one_picture_rates, rate, report_header, split_captions, write_report
 
 from dalle_lesson import data, evaluate, unclip
 from dalle_lesson.clip import _render, embed, scene_key
@@ -168,10 +167,7 @@ def main() -> None:
         "interpolation": frames,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(tables(report))
-    print(f"\nwrote {out} ({report['wall_time_s']:.0f} s)")
+    write_report(report, out, tables(report))
 
 
 def tables(report: dict) -> str:
