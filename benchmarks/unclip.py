@@ -37,8 +37,8 @@ import torch
 # Run as a script, so benchmarks/ is on the path: the caption choice and the rates of composition.py.
 from composition import ATTRIBUTES, SPLITS, one_picture_rates, rate, report_header, split_captions, write_report
 
-from dalle_lesson import data, evaluate, unclip
-from dalle_lesson.clip import _render, embed, scene_key
+from dalle_lesson import data, evaluate, stages, unclip
+from dalle_lesson.clip import embed, scene_key
 from dalle_lesson.pipeline import SAMPLING_DEFAULTS, Pipeline
 
 RESULTS = Path(__file__).parent / "results" / "unclip.json"
@@ -50,7 +50,7 @@ def pictures(split: str, count: int, seed: int):
     """``count`` seeded pictures of a split (uint8), their captions and their scenes."""
     dataset = data.ShapesDataset(length=count, image_size=32, split=split, seed=seed)
     scenes = [dataset.scene(i) for i in range(count)]
-    return torch.stack([_render(s, 32) for s in scenes]), [dataset.caption(i) for i in range(count)], scenes
+    return (*stages.preload_pairs(dataset, count), scenes)
 
 
 def retrieval(image_vectors, text_vectors, keys) -> dict:
@@ -149,7 +149,8 @@ def main() -> None:
         for scene in pictures("test", 20 * args.edits, args.seed + 1)[2]:  # one-object scenes of the test split
             if len(scene.objects) == 1 and len(singles) < args.edits:
                 singles.append(scene)
-        single_vectors = model.clip.encode_images(torch.stack([_render(s, 32) for s in singles]).float() / 255)
+        single_vectors = model.clip.encode_images(torch.stack([data.pil_to_tensor(data.render_scene(s, 32))
+                                                               for s in singles]))
         edits = text_diff_edits(model, singles, single_vectors)
         frames = interpolations(model, single_vectors, [data.canonical_caption(s) for s in singles])
     report = {

@@ -500,27 +500,26 @@ def _add_train_unclip(stage_parsers) -> None:
 
 def _build_unclip(args, recipe):
     from dalle_lesson import unclip
+    from dalle_lesson.clip import SHIPPED, embed, load_clip
     from dalle_lesson.dvae import load_dvae
 
+    clip_file = Path(args.clip) if args.clip else data.shipped_path(SHIPPED)
     dvae_file = Path(args.dvae) if args.dvae else data.shipped_path("dvae_lesson.safetensors")
+    clip_model, dvae = load_clip(clip_file), load_dvae(dvae_file)
     dataset = stages.make_dataset(args.dataset, args.image_size, "train", args.folder, length=args.train_images)
-    images = stages.preload_images(dataset, len(dataset))
-    captions = ([dataset.caption(i) for i in range(len(images))] if args.dataset == "shapes"
-                else [caption for _, caption in dataset.items] if args.dataset == "folder" else list(dataset.names))
-    name = f"{args.dataset}-train-{len(images)}-{args.image_size}"
-    image_vectors, text_vectors, clip_digest = stages.clip_vectors(args.clip, images, captions)
-    metadata = {"clip": clip_digest, "dvae": stages.file_digest(dvae_file), "data": name}
+    images, captions = stages.preload_pairs(dataset, len(dataset))
+    image_vectors, text_vectors = embed(clip_model, images, captions)
+    metadata = {"clip": checkpoint.file_digest(clip_file), "dvae": checkpoint.file_digest(dvae_file),
+                "data": f"{args.dataset}-train-{len(images)}-{args.image_size}"}
     validation = None
     if args.dataset == "shapes" and args.val_images > 0:
-        test = stages.make_dataset("shapes", args.image_size, "test", length=args.val_images)
-        test_captions = [test.caption(i) for i in range(len(test))]
-        test_images, test_texts, _ = stages.clip_vectors(args.clip, stages.preload_images(test, len(test)),
-                                                         test_captions)
-        validation = ((load_dvae(dvae_file), test_images, test_captions) if args.stage == "decoder"
-                      else (test_texts, test_images))
+        test_images, test_captions = stages.preload_pairs(
+            stages.make_dataset("shapes", args.image_size, "test", length=args.val_images), args.val_images)
+        test_image_vectors, test_text_vectors = embed(clip_model, test_images, test_captions)
+        validation = ((dvae, test_image_vectors, test_captions) if args.stage == "decoder"
+                      else (test_text_vectors, test_image_vectors))
     embed_dim = image_vectors.shape[1]
     if args.stage == "decoder":
-        dvae = load_dvae(dvae_file)
         codes = unclip.decoder_targets(dvae, images, centre=args.centre)
         metadata["centred"] = args.centre
         config = unclip.DecoderConfig(embed_dim=embed_dim, grid_size=dvae.config.grid_size,

@@ -83,14 +83,21 @@ def preload_images(dataset, count: int) -> torch.Tensor:
     Rendering or decoding an image costs far more than a training step of the small
     models, so the lessons do it once; uint8 keeps 20,000 images of 32x32 in 60 MB.
     """
+    return preload_pairs(dataset, count)[0]
+
+
+def preload_pairs(dataset, count: int) -> tuple[torch.Tensor, list[str]]:
+    """The first ``count`` images (uint8, as :func:`preload_images`) and their captions, read once."""
     count = min(count, len(dataset))
     if count < 1:
         raise ValueError("the dataset has no images")
     first = dataset[0][0]
-    out = torch.empty((count, *first.shape), dtype=torch.uint8)
+    out, captions = torch.empty((count, *first.shape), dtype=torch.uint8), []
     for i in tqdm(range(count), desc="loading images", leave=False, mininterval=1.0):
-        out[i] = (dataset[i][0] * 255).round().to(torch.uint8)
-    return out
+        image, caption = dataset[i]
+        out[i] = (image * 255).round().to(torch.uint8)
+        captions.append(caption)
+    return out, captions
 
 
 @torch.no_grad()
@@ -273,16 +280,6 @@ def clip_stage(model, images: torch.Tensor, captions: list[str], validation=None
         validate = lambda model: evaluate_clip(model, *validation, **extra)  # noqa: E731
     return Stage(model, loss, batch=batch, num_examples=len(images), validate=validate, decay_only_matrices=True,
                  metadata={"pairs": pairs, "meanings": len(names)})
-
-
-def clip_vectors(clip_path: str | Path | None, images: torch.Tensor, captions: list[str]):
-    """Lesson 08: the course CLIP's unit vectors of images (uint8) and of their captions,
-    and the CLIP file's digest (which the unCLIP checkpoints record)."""
-    from dalle_lesson.clip import SHIPPED, embed, load_clip
-
-    clip_file = Path(clip_path) if clip_path is not None else data.shipped_path(SHIPPED)
-    image_vectors, text_vectors = embed(load_clip(clip_file), images, captions)
-    return image_vectors, text_vectors, file_digest(clip_file)
 
 
 def unclip_decoder_stage(model, image_vectors: torch.Tensor, codes: torch.Tensor, validation=None,

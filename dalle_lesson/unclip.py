@@ -327,14 +327,14 @@ class UnCLIP:
         prior_file = Path(prior or data.shipped_path(SHIPPED_PRIOR))
         wanted = {"clip": (clip_file, checkpoint.file_digest(clip_file)),
                   "dvae": (dvae_file, checkpoint.file_digest(dvae_file))}
-        for path, needs in ((decoder_file, ("clip", "dvae")), (prior_file, ("clip",))):
+        for stage, path, needs in (("decoder", decoder_file, ("clip", "dvae")), ("prior", prior_file, ("clip",))):
             recorded = checkpoint.read_metadata(path) if path.is_file() else {}
             for name in needs:
                 file, digest = wanted[name]
                 if name in recorded and recorded[name] != digest:
                     raise ValueError(f"{path} was trained on a {name} file with digest {recorded[name]}, but {file} "
-                                     f"has digest {digest}: retrain it on this file (dalle-lesson train "
-                                     f"{'decoder' if path == decoder_file else 'prior'} --{name} {file})")
+                                     f"has digest {digest}: retrain it on this file (dalle-lesson train {stage} "
+                                     f"--{name} {file})")
         return cls(load_clip(clip_file), load_prior(prior_file), load_decoder(decoder_file), load_dvae(dvae_file))
 
     def __init__(self, clip_model: CourseCLIP, prior: EmbeddingPrior | None, decoder: EmbeddingDecoder,

@@ -109,7 +109,7 @@ def test_centred_shapes_pictures_still_say_their_captions():
     pixels_right = [s.full_match for s in evaluate.score_batch(moved.float() / 255, captions)]
     trip_right = [s.full_match for s in evaluate.score_batch(trip, captions)]
     # Measured on 300 training scenes: all 300 centred pictures and their dVAE round trips read fully right
-    assert all(pixels_right) and sum(trip_right) >= 57, sum(trip_right)
+    assert all(pixels_right) and all(trip_right), sum(trip_right)
 
 
 # ---- the two models, trained by the one engine --------------------------------------------
@@ -196,8 +196,8 @@ def test_the_shipped_decoder_draws_back_what_the_vector_of_a_test_picture_says(s
     shuffled = unclip.decoder_accuracy(shipped.decoder, shipped.dvae, image_vectors.roll(1, 0), captions)
     # Measured (100 test pictures): full match through the picture's vector 0.47, through the prior
     # from the caption 0.49, the caption's own vector 0.44; another picture's vector 0.01
-    assert through_image["full_match"] > 0.3 and shuffled["full_match"] < 0.1, (through_image, shuffled)
-    assert through_prior["full_match"] > 0.3, through_prior
+    assert through_image["full_match"] > 0.4 and shuffled["full_match"] < 0.1, (through_image, shuffled)
+    assert through_prior["full_match"] > 0.4, through_prior
 
 
 def test_cli_trains_a_decoder_and_a_prior_for_two_steps(tmp_path, one_thread, capsys):
